@@ -1,0 +1,1 @@
+"""fashion-mixer: the DVC stages of the pipeline and the library code they share."""

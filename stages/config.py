@@ -1,0 +1,290 @@
+"""One typed configuration per training run, built from params.yaml and validated here only.
+
+params.yaml holds a base configuration at its top level (the report's final model), a preset of
+architecture widths per model name under `models`, and under `runs` the one-factor changes that
+make each run of the report's studies. `resolve_run` merges base, preset and a run's changes
+into a `RunConfig`; every check on user input lives in this module.
+"""
+
+import difflib
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from stages.errors import UserError
+
+IMAGE_SIZE = 28
+CHOICES = {
+    "optimizer": ("adam", "radam", "sgd"),
+    "init": ("xavier_uniform", "normal", "kaiming_uniform", "default"),
+    "scheduler": ("plateau", "none"),
+    "plateau_metric": ("val_loss", "val_accuracy"),
+    "plateau_mode": ("min", "max"),
+    "activation": ("relu", "gelu"),
+    "norm": ("batch", "none"),
+}
+RUN_NAME = re.compile(r"^[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*$")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the Mixer-style model: see stages/model.py."""
+
+    patch_size: int
+    stem_width: int
+    stem_hidden: int | None  # None: a linear stem; an int: a one-hidden-layer MLP stem
+    token_mlp: tuple[tuple[int, int], ...]  # (hidden, out) widths of each block's token MLP
+    channel_mlp: tuple[tuple[int, int], ...]  # (hidden, out) widths of each block's channel MLP
+    activation: str
+    norm: str
+    dropout: float
+
+    @property
+    def blocks(self) -> int:
+        return len(self.token_mlp)
+
+    @property
+    def num_patches(self) -> int:
+        return (IMAGE_SIZE // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run depends on, except its seed."""
+
+    model_name: str
+    model: ModelConfig
+    init: str
+    init_std: float
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    scheduler: str
+    plateau_metric: str
+    plateau_mode: str
+    plateau_factor: float
+    plateau_patience: int
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    val_size: int
+    split_seed: int
+    train_limit: int | None
+    test_limit: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """Rebuild a config written by `to_dict` (a resolved config file or a checkpoint)."""
+        data = dict(data)
+        model = dict(data.pop("model"))
+        for key in ("token_mlp", "channel_mlp"):
+            model[key] = tuple(tuple(pair) for pair in model[key])
+        return cls(model=ModelConfig(**model), **data)
+
+
+# Top-level keys of params.yaml that a run may change; `model` names a preset under `models`.
+RUN_KEYS = ("model", "blocks") + tuple(
+    f.name for f in fields(RunConfig) if f.name not in ("model_name", "model")
+)
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
+OTHER_TOP_KEYS = ("models", "runs", "studies", "seeds", "fetch")
+
+
+def _unknown(key: str, where: str, allowed: tuple[str, ...]) -> UserError:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"unknown key '{key}' in {where}{hint}; allowed: {', '.join(allowed)}")
+
+
+def _int(where: str, value: Any, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{where}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def _optional_int(where: str, value: Any) -> int | None:
+    return None if value is None else _int(where, value)
+
+
+def _float(where: str, value: Any, *, low: float, high: float, closed: str = "[)") -> float:
+    """A number in an interval; strings like '1e-3' (which YAML 1.1 reads as text) count."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}={value!r} must be a number") from None
+    above = number >= low if closed[0] == "[" else number > low
+    below = number <= high if closed[1] == "]" else number < high
+    if not (above and below) or number != number:
+        raise UserError(f"{where}={value!r} must be in {closed[0]}{low}, {high}{closed[1]}")
+    return number
+
+
+def _choice(key: str, where: str, value: Any) -> str:
+    if value not in CHOICES[key]:
+        raise UserError(
+            f"{where}={value!r} is not allowed; choose one of: {', '.join(CHOICES[key])}"
+        )
+    return value
+
+
+def _widths(where: str, value: Any, blocks: int) -> tuple[tuple[int, int], ...]:
+    """[hidden, out] for every block, or one such pair per block."""
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) for v in value)
+    ):
+        pairs = [value] * blocks
+    elif isinstance(value, list | tuple) and all(isinstance(p, list | tuple) for p in value):
+        pairs = list(value)
+        if len(pairs) != blocks:
+            raise UserError(
+                f"{where} has {len(pairs)} [hidden, out] pairs but blocks={blocks}; give one pair "
+                "for every block, or a single [hidden, out] pair used by all blocks"
+            )
+    else:
+        raise UserError(f"{where}={value!r} must be [hidden, out] or a list of such pairs")
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise UserError(f"{where}[{i}]={list(pair)!r} must be a [hidden, out] pair")
+        for width in pair:
+            _int(f"{where}[{i}]", width)
+    return tuple((pair[0], pair[1]) for pair in pairs)
+
+
+def _model_config(name: str, preset: Any, blocks: int) -> ModelConfig:
+    where = f"models.{name}"
+    if not isinstance(preset, dict):
+        raise UserError(f"{where} must be a mapping of architecture settings")
+    for key in preset:
+        if key not in MODEL_KEYS:
+            raise _unknown(key, where, MODEL_KEYS)
+    missing = [key for key in MODEL_KEYS if key not in preset]
+    if missing:
+        raise UserError(f"{where} is missing {', '.join(missing)}")
+    patch = _int(f"{where}.patch_size", preset["patch_size"])
+    if IMAGE_SIZE % patch:
+        raise UserError(
+            f"{where}.patch_size={patch} does not divide the {IMAGE_SIZE}-pixel image; "
+            "allowed: 1, 2, 4, 7, 14, 28"
+        )
+    return ModelConfig(
+        patch_size=patch,
+        stem_width=_int(f"{where}.stem_width", preset["stem_width"]),
+        stem_hidden=_optional_int(f"{where}.stem_hidden", preset["stem_hidden"]),
+        token_mlp=_widths(f"{where}.token_mlp", preset["token_mlp"], blocks),
+        channel_mlp=_widths(f"{where}.channel_mlp", preset["channel_mlp"], blocks),
+        activation=_choice("activation", f"{where}.activation", preset["activation"]),
+        norm=_choice("norm", f"{where}.norm", preset["norm"]),
+        dropout=_float(f"{where}.dropout", preset["dropout"], low=0.0, high=1.0),
+    )
+
+
+def build_config(values: dict[str, Any], where: str = "params.yaml") -> RunConfig:
+    """Validate the merged top-level values of one run and build its typed configuration."""
+    missing = [key for key in RUN_KEYS if key not in values]
+    if missing:
+        raise UserError(f"{where} is missing {', '.join(missing)}")
+    v = values
+    models = v.get("models") or {}
+    if v["model"] not in models:
+        raise UserError(
+            f"{where}: model={v['model']!r} is not a preset under models; "
+            f"choose one of: {', '.join(models) or '(none defined)'}"
+        )
+    blocks = _int(f"{where}: blocks", v["blocks"])
+    return RunConfig(
+        model_name=v["model"],
+        model=_model_config(v["model"], models[v["model"]], blocks),
+        init=_choice("init", f"{where}: init", v["init"]),
+        init_std=_float(
+            f"{where}: init_std", v["init_std"], low=0.0, high=float("inf"), closed="()"
+        ),
+        optimizer=_choice("optimizer", f"{where}: optimizer", v["optimizer"]),
+        lr=_float(f"{where}: lr", v["lr"], low=0.0, high=float("inf"), closed="()"),
+        momentum=_float(f"{where}: momentum", v["momentum"], low=0.0, high=1.0),
+        weight_decay=_float(
+            f"{where}: weight_decay", v["weight_decay"], low=0.0, high=float("inf")
+        ),
+        scheduler=_choice("scheduler", f"{where}: scheduler", v["scheduler"]),
+        plateau_metric=_choice("plateau_metric", f"{where}: plateau_metric", v["plateau_metric"]),
+        plateau_mode=_choice("plateau_mode", f"{where}: plateau_mode", v["plateau_mode"]),
+        plateau_factor=_float(
+            f"{where}: plateau_factor", v["plateau_factor"], low=0.0, high=1.0, closed="()"
+        ),
+        plateau_patience=_int(f"{where}: plateau_patience", v["plateau_patience"], minimum=0),
+        epochs=_int(f"{where}: epochs", v["epochs"]),
+        batch_size=_int(f"{where}: batch_size", v["batch_size"]),
+        eval_batch_size=_int(f"{where}: eval_batch_size", v["eval_batch_size"]),
+        val_size=_int(f"{where}: val_size", v["val_size"]),
+        split_seed=_int(f"{where}: split_seed", v["split_seed"], minimum=0),
+        train_limit=_optional_int(f"{where}: train_limit", v["train_limit"]),
+        test_limit=_optional_int(f"{where}: test_limit", v["test_limit"]),
+    )
+
+
+def check_top_level(params: dict[str, Any]) -> None:
+    allowed = RUN_KEYS + OTHER_TOP_KEYS
+    for key in params:
+        if key not in allowed:
+            raise _unknown(key, "params.yaml", allowed)
+
+
+def run_names(params: dict[str, Any]) -> list[str]:
+    runs = params.get("runs")
+    if not isinstance(runs, dict) or not runs:
+        raise UserError("params.yaml: runs must be a non-empty mapping of run name -> changes")
+    for name in runs:
+        if not isinstance(name, str) or not RUN_NAME.match(name):
+            raise UserError(
+                f"params.yaml: run name {name!r} must be letters, digits, '_' and single '-'"
+            )
+    return list(runs)
+
+
+def resolve_run(params: dict[str, Any], run: str) -> RunConfig:
+    """The configuration of run `run`: the base values with that run's changes applied."""
+    check_top_level(params)
+    if run not in run_names(params):
+        raise UserError(f"unknown run '{run}'; params.yaml defines: {', '.join(params['runs'])}")
+    changes = params["runs"][run] or {}
+    if not isinstance(changes, dict):
+        raise UserError(f"runs.{run} must be a mapping of changes to the base configuration")
+    for key in changes:
+        if key not in RUN_KEYS:
+            raise _unknown(key, f"runs.{run}", RUN_KEYS)
+    return build_config({**params, **changes}, where=f"run '{run}'")
+
+
+def seeds(params: dict[str, Any]) -> list[int]:
+    value = params.get("seeds")
+    if not isinstance(value, list) or not value:
+        raise UserError(f"params.yaml: seeds={value!r} must be a non-empty list of integers")
+    result = [_int("params.yaml: seeds", s, minimum=0) for s in value]
+    if len(set(result)) != len(result):
+        raise UserError(f"params.yaml: seeds={value!r} repeats a seed")
+    return result
+
+
+def studies(params: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """study name -> {run name: label}, every run checked to exist."""
+    value = params.get("studies") or {}
+    names = run_names(params)
+    if not isinstance(value, dict):
+        raise UserError("params.yaml: studies must map a study name to {run: label}")
+    for study, members in value.items():
+        if not isinstance(members, dict) or not members:
+            raise UserError(f"studies.{study} must map run names to labels")
+        for run in members:
+            if run not in names:
+                raise UserError(
+                    f"studies.{study} names run '{run}', which is not under runs; "
+                    f"defined: {', '.join(names)}"
+                )
+    return value

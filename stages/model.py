@@ -1,0 +1,136 @@
+"""The coursework's all-MLP model: patch stem, N token/channel-mixing blocks, mean, classifier.
+
+Shapes follow the specification in the report: an image becomes X of shape (patches, features);
+a block computes O1 = g(X^T W1) W2 across patches, transposes back, then O2 = g(O1 W3) W4 across
+features. Widths may change inside a block, so a block's output need not match its input.
+"""
+
+import itertools
+
+import torch
+from torch import nn
+
+from stages.config import IMAGE_SIZE, ModelConfig
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(batch, 1, 28, 28) -> (batch, patches, patch_size**2), patches in row-major order."""
+    b = images.shape[0]
+    grid = IMAGE_SIZE // patch_size
+    x = images.reshape(b, grid, patch_size, grid, patch_size)
+    return x.permute(0, 1, 3, 2, 4).reshape(b, grid * grid, patch_size * patch_size)
+
+
+def mlp(width_in: int, hidden: int, width_out: int, activation: str) -> nn.Sequential:
+    """Linear, non-linearity g, Linear: the two-layer MLP of the specification."""
+    return nn.Sequential(
+        nn.Linear(width_in, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, width_out)
+    )
+
+
+def norm(kind: str, channels: int) -> nn.Module:
+    return nn.BatchNorm1d(channels) if kind == "batch" else nn.Identity()
+
+
+class MixerBlock(nn.Module):
+    """One block of the backbone: token mixing across patches, then channel mixing."""
+
+    def __init__(
+        self,
+        tokens: int,
+        channels: int,
+        token_mlp: tuple[int, int],
+        channel_mlp: tuple[int, int],
+        cfg: ModelConfig,
+    ):
+        super().__init__()
+        token_hidden, self.tokens_out = token_mlp
+        channel_hidden, self.channels_out = channel_mlp
+        self.token_mixing = mlp(tokens, token_hidden, self.tokens_out, cfg.activation)
+        self.token_norm = norm(cfg.norm, channels)  # over feature channels, as in the notebook
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.channel_mixing = mlp(channels, channel_hidden, self.channels_out, cfg.activation)
+        self.channel_norm = norm(cfg.norm, self.tokens_out)  # over the token rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, tokens, channels)
+        o1 = self.token_norm(self.token_mixing(x.transpose(1, 2)))  # (batch, channels, tokens')
+        o1 = self.dropout(o1.transpose(1, 2))  # (batch, tokens', channels)
+        return self.channel_norm(self.channel_mixing(o1))  # (batch, tokens', channels')
+
+
+class MixerClassifier(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_classes: int = 10):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        patch_pixels = cfg.patch_size**2
+        act = ACTIVATIONS[cfg.activation]
+        if cfg.stem_hidden is None:
+            self.stem = nn.Sequential(nn.Linear(patch_pixels, cfg.stem_width), act())
+        else:
+            self.stem = nn.Sequential(
+                nn.Linear(patch_pixels, cfg.stem_hidden),
+                act(),
+                nn.Linear(cfg.stem_hidden, cfg.stem_width),
+                act(),
+            )
+        blocks = []
+        tokens, channels = cfg.num_patches, cfg.stem_width
+        for token_mlp, channel_mlp in zip(cfg.token_mlp, cfg.channel_mlp, strict=True):
+            blocks.append(MixerBlock(tokens, channels, token_mlp, channel_mlp, cfg))
+            tokens, channels = token_mlp[1], channel_mlp[1]
+        self.blocks = nn.Sequential(*blocks)
+        # The notebook averages over the last (feature) axis, leaving one value per token row.
+        self.classifier = nn.Linear(tokens, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.stem(patchify(images, self.patch_size))  # (batch, patches, features)
+        x = self.blocks(x)
+        return self.classifier(x.mean(dim=-1))  # logits; softmax lives in the loss
+
+
+def init_weights(model: nn.Module, scheme: str, std: float) -> None:
+    """Re-initialise every Linear layer's weights; biases start at zero, as in the report.
+
+    `default` keeps PyTorch's own initialisation (weights and biases) untouched.
+    """
+    if scheme == "default":
+        return
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            if scheme == "xavier_uniform":
+                nn.init.xavier_uniform_(module.weight)
+            elif scheme == "normal":
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif scheme == "kaiming_uniform":
+                nn.init.kaiming_uniform_(module.weight, a=0.0, nonlinearity="relu")
+            else:
+                raise ValueError(f"unknown init scheme {scheme!r}")
+            nn.init.zeros_(module.bias)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(cfg: ModelConfig) -> int:
+    """Multiply-adds x 2 of the Linear layers for one image's forward pass."""
+    flops = 0
+    patch_pixels = cfg.patch_size**2
+    tokens, channels = cfg.num_patches, cfg.stem_width
+    stem = (
+        [patch_pixels, cfg.stem_width]
+        if cfg.stem_hidden is None
+        else [patch_pixels, cfg.stem_hidden, cfg.stem_width]
+    )
+    flops += sum(a * b for a, b in itertools.pairwise(stem)) * tokens
+    for (t_hidden, t_out), (c_hidden, c_out) in zip(cfg.token_mlp, cfg.channel_mlp, strict=True):
+        flops += channels * (tokens * t_hidden + t_hidden * t_out)
+        flops += t_out * (channels * c_hidden + c_hidden * c_out)
+        tokens, channels = t_out, c_out
+    flops += tokens * 10
+    return 2 * flops
+
+
+__all__ = ["MixerClassifier", "count_parameters", "forward_flops", "init_weights", "patchify"]

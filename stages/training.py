@@ -1,0 +1,232 @@
+"""The training loop: whole data set on the device, one checkpoint per epoch, dvclive curves.
+
+Read `fit` top to bottom: seed, build, maybe resume, then per epoch train, evaluate, step the
+scheduler on the validation split, log, checkpoint. The test set is evaluated every epoch for
+the report's curves only; nothing in training looks at it.
+"""
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from dvclive import Live
+from torch import nn
+from tqdm import tqdm
+
+from stages.config import RunConfig
+from stages.data import Dataset, Split
+from stages.files import atomic_write
+from stages.model import MixerClassifier, init_weights
+
+# Source files whose change makes an old checkpoint unusable for resuming.
+CODE_FILES = ("config.py", "data.py", "model.py", "training.py")
+PROGRESS_EVERY = 25  # steps between progress-bar loss updates (each one syncs the device)
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def code_version() -> str:
+    here = Path(__file__).parent
+    digest = hashlib.md5(usedforsecurity=False)
+    for name in CODE_FILES:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()
+
+
+def build_model(cfg: RunConfig, seed: int) -> MixerClassifier:
+    torch.manual_seed(seed)
+    model = MixerClassifier(cfg.model)
+    init_weights(model, cfg.init, cfg.init_std)
+    return model
+
+
+def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "radam":
+        return torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
+    if cfg.scheduler == "none":
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode=cfg.plateau_mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+    )
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, batch_size: int) -> torch.Tensor:
+    """Logits for a whole split, in eval mode (dropout off, BatchNorm running statistics)."""
+    model.eval()
+    return torch.cat(
+        [model(split.images[i : i + batch_size]) for i in range(0, len(split), batch_size)]
+    )
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
+    logits = predict(model, split, batch_size)
+    loss = nn.functional.cross_entropy(logits, split.labels).item()
+    accuracy = (logits.argmax(1) == split.labels).float().mean().item()
+    return loss, accuracy
+
+
+@dataclass
+class EpochResult:
+    loss: float  # running mean over the epoch, model in training mode (as the report measured)
+    accuracy: float
+
+
+def train_epoch(model, optimizer, split: Split, batch_size: int, shuffle: torch.Generator, bar):
+    model.train()
+    order = torch.randperm(len(split), generator=shuffle).to(split.labels.device)
+    loss_sum = torch.zeros((), device=split.labels.device)
+    correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
+    for step, start in enumerate(range(0, len(split), batch_size)):
+        idx = order[start : start + batch_size]
+        images, labels = split.images[idx], split.labels[idx]
+        logits = model(images)
+        loss = nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.detach().argmax(1) == labels).sum()
+        bar.update(1)
+        if step % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    return EpochResult(loss_sum.item() / len(split), correct.item() / len(split))
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _load_checkpoint(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it belongs to this very run (config, seed and code)."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("key") != key:
+        print(f"ignoring checkpoint {path}: it belongs to another configuration or code version")
+        return None
+    return state
+
+
+def _log_epoch(live: Live, record: dict[str, float]) -> None:
+    for name, value in record.items():
+        if name != "epoch":
+            live.log_metric(name, value)
+    live.next_step()
+
+
+def fit(
+    cfg: RunConfig,
+    data: Dataset,
+    *,
+    seed: int,
+    live_dir: Path,
+    checkpoint: Path,
+    device: torch.device,
+    label: str = "train",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train one run; resume from `checkpoint` if it holds completed epochs of this same run."""
+    model = build_model(cfg, seed).to(device)
+    optimizer = make_optimizer(cfg, model.parameters())
+    scheduler = make_scheduler(cfg, optimizer)
+    shuffle = torch.Generator().manual_seed(seed)
+    train, val, test = (s.to(device) for s in (data.train, data.val, data.test))
+    history: list[dict[str, float]] = []
+    diverged_epoch = None
+
+    key = {"config": cfg.to_dict(), "seed": seed, "code": code_version()}
+    state = _load_checkpoint(checkpoint, key)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        shuffle.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        history = state["history"]
+        print(f"{label}: resuming after epoch {len(history)} from {checkpoint}")
+
+    live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    for record in history:  # rebuild the curves of resumed epochs from the checkpoint
+        _log_epoch(live, record)
+
+    steps = math.ceil(len(train) / cfg.batch_size)
+    with tqdm(total=cfg.epochs * steps, initial=len(history) * steps, desc=label) as bar:
+        for epoch in range(len(history) + 1, cfg.epochs + 1):
+            bar.set_description(f"{label} epoch {epoch}/{cfg.epochs}")
+            started = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            result = train_epoch(model, optimizer, train, cfg.batch_size, shuffle, bar)
+            if not math.isfinite(result.loss):
+                diverged_epoch = epoch
+                print(
+                    f"{label}: loss is {result.loss} in epoch {epoch}: the run diverged, stopping"
+                )
+                break
+            train_time = time.perf_counter() - started
+            val_loss, val_accuracy = evaluate(model, val, cfg.eval_batch_size)
+            test_loss, test_accuracy = evaluate(model, test, cfg.eval_batch_size)
+            if scheduler is not None:
+                scheduler.step(val_accuracy if cfg.plateau_metric == "val_accuracy" else val_loss)
+            record = {
+                "epoch": epoch,
+                "train/loss": result.loss,
+                "train/accuracy": result.accuracy,
+                "val/loss": val_loss,
+                "val/accuracy": val_accuracy,
+                "test/loss": test_loss,
+                "test/accuracy": test_accuracy,
+                "lr": lr,
+                "epoch_seconds": train_time,
+            }
+            history.append(record)
+            _log_epoch(live, record)
+            tqdm.write(
+                f"{label} epoch {epoch}: train loss {result.loss:.4f} acc {result.accuracy:.4f}"
+                f" | val acc {val_accuracy:.4f} | test acc {test_accuracy:.4f}"
+                f" | lr {lr:.2g} | {train_time:.1f} s"
+            )
+            _save_checkpoint(
+                checkpoint,
+                {
+                    "key": key,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "shuffle_rng": shuffle.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                    "history": history,
+                },
+            )
+    live.end()
+
+    summary = {
+        "epochs_completed": len(history),
+        "diverged": diverged_epoch is not None,
+        "diverged_epoch": diverged_epoch,
+        "final": history[-1] if history else None,
+        "seconds_per_epoch": (
+            sum(r["epoch_seconds"] for r in history) / len(history) if history else None
+        ),
+        "device": str(device),
+    }
+    return model, summary
