@@ -75,11 +75,15 @@ def predict(model: nn.Module, split: Split, batch_size: int) -> torch.Tensor:
     )
 
 
-def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
-    logits = predict(model, split, batch_size)
-    loss = nn.functional.cross_entropy(logits, split.labels).item()
-    accuracy = (logits.argmax(1) == split.labels).float().mean().item()
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy."""
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
     return loss, accuracy
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
+    return evaluate_logits(predict(model, split, batch_size), split.labels)
 
 
 @dataclass
@@ -228,5 +232,6 @@ def fit(
             sum(r["epoch_seconds"] for r in history) / len(history) if history else None
         ),
         "device": str(device),
+        "history": history,
     }
     return model, summary

@@ -1,0 +1,346 @@
+"""DVC stage `report`: every run's final numbers, the report's tables, figures and verdicts.
+
+Reads each `runs/<run>-<seed>/` folder named by params.yaml (runs x seeds), and writes
+`results/metrics.json` (every run's numbers, mean and spread over seeds), `results/report.md`
+(one table per study beside the published values, a verdict per study) and PNG figures.
+
+The rule for calling a difference real is RULE below; the report states it.
+"""
+
+import argparse
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import yaml
+
+from stages import config
+from stages.configure import load_params
+from stages.data import CLASSES
+from stages.errors import UserError, run_cli
+from stages.files import atomic_write, write_json, write_text
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RULE = (
+    "A difference between two runs is called real when, with at least 2 seeds each, their mean "
+    "test accuracies are further apart than twice the standard error of the difference, "
+    "2 * sqrt(s_a^2 / n_a + s_b^2 / n_b); with one seed there is no spread to judge against."
+)
+PUBLISHED = Path(__file__).with_name("published.yaml")
+CURVES = (
+    ("train/loss", "training loss"),
+    ("train/accuracy", "training accuracy"),
+    ("test/accuracy", "test accuracy"),
+)
+
+
+@dataclass
+class RunResult:
+    """One run over all its seeds."""
+
+    name: str
+    seeds: list[int]
+    summaries: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    diverged_epochs: list[int] = field(default_factory=list)
+
+    @property
+    def completed(self) -> list[int]:
+        return [i for i, s in enumerate(self.summaries) if not s["diverged"]]
+
+    def values(self, metric: str) -> list[float]:
+        """`metric` of every seed that did not diverge."""
+        out = []
+        for i in self.completed:
+            if metric == "test_accuracy":
+                out.append(self.evals[i]["test"]["accuracy"])
+            elif metric == "test_loss":
+                out.append(self.evals[i]["test"]["loss"])
+            else:
+                out.append(self.summaries[i]["final"][metric])
+        return out
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def read_eval(folder: Path) -> dict[str, Any]:
+    """The evaluate stage's dvclive summary, with its confusion matrix rows when present."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    cm_file = folder / "plots" / "sklearn" / "confusion_matrix.json"
+    metrics["confusion"] = json.loads(cm_file.read_text()) if cm_file.is_file() else []
+    return metrics
+
+
+def load_run(runs_dir: Path, name: str, seeds: list[int]) -> RunResult:
+    summaries, evals = [], []
+    for seed in seeds:
+        folder = runs_dir / f"{name}-{seed}"
+        summary_file = folder / "train" / "summary.json"
+        eval_file = folder / "eval" / "metrics.json"
+        for path in (summary_file, eval_file):
+            if not path.is_file():
+                raise UserError(f"{path} is missing: run `dvc repro` to train and evaluate {name}")
+        summaries.append(json.loads(summary_file.read_text()))
+        evals.append(read_eval(folder / "eval"))
+    result = RunResult(name, seeds, summaries, evals)
+    result.diverged_epochs = [s["diverged_epoch"] for s in summaries if s["diverged"]]
+    return result
+
+
+def run_metrics(result: RunResult) -> dict[str, Any]:
+    """The numbers of one run for results/metrics.json (mean over seeds, std when n >= 2)."""
+    out: dict[str, Any] = {"seeds": len(result.seeds), "diverged": len(result.diverged_epochs)}
+    for metric in ("train/accuracy", "train/loss", "test_accuracy", "test_loss"):
+        mean, std = mean_std(result.values(metric))
+        key = metric.replace("/", "_")
+        if mean is not None:
+            out[key] = round(mean, 5)
+        if std is not None:
+            out[f"{key}_std"] = round(std, 5)
+    return out
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    mean, std = mean_std(values)
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def differs(a: list[float], b: list[float]) -> bool | None:
+    """True/False by the rule in the module docstring; None when either side has < 2 seeds."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return abs(statistics.fmean(a) - statistics.fmean(b)) > 2 * se
+
+
+def verdict(claim: dict[str, Any], members: dict[str, str], results: dict[str, RunResult]) -> str:
+    """Does the report's conclusion hold here? Judged on mean test accuracy and its spread."""
+    scores = {run: results[run].values("test_accuracy") for run in members}
+    ranked = sorted((r for r in scores if scores[r]), key=lambda r: -statistics.fmean(scores[r]))
+    diverged = [members[r] for r in members if results[r].diverged_epochs]
+    notes = f" Diverged here: {', '.join(diverged)}." if diverged else ""
+    if len(members) == 1 or not ranked:
+        return f"Report: {claim['claim']}.{notes}"
+    best, claimed = ranked[0], claim["best"]
+    if best != claimed:
+        real = differs(scores[best], scores[claimed])
+        strength = {True: "beyond", False: "within", None: "with one seed, no"}[real]
+        return (
+            f"Report: {claim['claim']}. **Does not hold here**: {members[best]} has the best "
+            f"test accuracy ({strength} seed-to-seed spread).{notes}"
+        )
+    runner_up = ranked[1] if len(ranked) > 1 else None
+    if runner_up is None:
+        return f"Report: {claim['claim']}. Holds: every other run diverged.{notes}"
+    real = differs(scores[best], scores[runner_up])
+    if real is None:
+        judgement = (
+            "Holds in the ordering, but with one seed per run the spread is unknown: run with "
+            "several seeds (README) to judge it"
+        )
+    elif real:
+        judgement = f"Holds: {members[best]} beats {members[runner_up]} beyond the spread"
+    else:
+        judgement = (
+            f"Not supported: {members[best]} is ahead of {members[runner_up]} only within the "
+            "seed-to-seed spread"
+        )
+    return f"Report: {claim['claim']}. {judgement}.{notes}"
+
+
+def study_table(
+    study: str, members: dict[str, str], results: dict[str, RunResult], published: dict
+) -> str:
+    rows = [
+        "| run | epochs | train acc | test acc | loss | published train / test / loss | "
+        "test acc - published |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run, label in members.items():
+        result = results[run]
+        pub = (published.get(study) or {}).get("runs", {}).get(run)
+        if isinstance(pub, dict):
+            pub_text = f"{pub['train_accuracy']} / {pub['test_accuracy']} / {pub['loss']}"
+        else:
+            pub_text = pub or "-"
+        if not result.completed:
+            epochs = ", ".join(str(e) for e in result.diverged_epochs)
+            rows.append(f"| {label} | - | diverged at epoch {epochs} | - | - | {pub_text} | - |")
+            continue
+        test = result.values("test_accuracy")
+        delta = (
+            f"{statistics.fmean(test) - pub['test_accuracy']:+.3f}"
+            if isinstance(pub, dict)
+            else "-"
+        )
+        epochs = {s["epochs_completed"] for s in result.summaries}
+        note = ""
+        if result.diverged_epochs:
+            note = f" ({len(result.diverged_epochs)} of {len(result.seeds)} seeds diverged)"
+        rows.append(
+            f"| {label}{note} | {'/'.join(map(str, sorted(epochs)))} "
+            f"| {fmt(result.values('train/accuracy'))} | {fmt(test)} "
+            f"| {fmt(result.values('train/loss'))} | {pub_text} | {delta} |"
+        )
+    return "\n".join(rows)
+
+
+def mean_curve(result: RunResult, metric: str) -> list[float]:
+    """Per-epoch mean over seeds, as long as the shortest completed history."""
+    histories = [s["history"] for s in result.summaries if s["history"]]
+    if not histories:
+        return []
+    length = min(len(h) for h in histories)
+    return [statistics.fmean(h[e][metric] for h in histories) for e in range(length)]
+
+
+def save_png(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def study_figure(study: str, members: dict[str, str], results: dict[str, RunResult], path: Path):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (metric, title) in zip(axes, CURVES, strict=True):
+        for run, label in members.items():
+            curve = mean_curve(results[run], metric)
+            if curve:
+                ax.plot(range(1, len(curve) + 1), curve, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(title.split()[-1])
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    seeds = len(next(iter(results.values())).seeds)
+    fig.suptitle(f"Study: {study} (mean over {seeds} seed{'s' if seeds > 1 else ''})")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def confusion(result: RunResult) -> list[list[int]]:
+    """Confusion counts of the first completed seed, from dvclive's confusion matrix file."""
+    index = {name: i for i, name in enumerate(CLASSES)}
+    matrix = [[0] * len(CLASSES) for _ in CLASSES]
+    for row in result.evals[result.completed[0]]["confusion"]:
+        matrix[index[row["actual"]]][index[row["predicted"]]] += 1
+    return matrix
+
+
+def confusion_figure(matrix: list[list[int]], title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    image = ax.imshow(matrix, cmap="Blues")
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(
+                j,
+                i,
+                count,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if count > max(map(max, matrix)) / 2 else "black",
+            )
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    fig.colorbar(image)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    seeds, studies = config.seeds(params), config.studies(params)
+    published = yaml.safe_load(PUBLISHED.read_text())
+    results = {run: load_run(args.runs, run, seeds) for run in config.run_names(params)}
+
+    write_json(args.out / "metrics.json", {run: run_metrics(r) for run, r in results.items()})
+    figures = args.out / "figures"
+    first = next(iter(results.values())).summaries[0]
+    lines = [
+        "# Reproduction of the report's studies",
+        "",
+        "Generated by the `report` stage from the metrics of every run; no number here is typed "
+        "by hand. Published values: ../shared/seed/report.md.",
+        "",
+        f"- Data: {first['train_images']} training images ({first['val_images']} more held out "
+        f"for validation), {first['test_images']} test images",
+        f"- Epochs: {first['config']['epochs']}; seeds: {', '.join(map(str, seeds))}; "
+        f"device: {first['device']}",
+        "- train acc and loss: running means over the last epoch in training mode (as the report "
+        "measured them); test acc: eval mode, after the last epoch",
+        "- a ± b: mean ± standard deviation over seeds. "
+        + __doc__.split("Rule for calling a difference real: ")[1]
+        .split("\n\n")[0]
+        .replace("\n", " "),
+        "",
+    ]
+    for study, members in studies.items():
+        study_figure(study, members, results, figures / f"{study}.png")
+        lines += [
+            f"## Study: {study}",
+            "",
+            study_table(study, members, results, published),
+            "",
+            verdict(published.get(study, {"claim": "-", "best": None}), members, results),
+            "",
+            f"![{study}](figures/{study}.png)",
+            "",
+        ]
+    final = results.get("final")
+    if final is not None and final.completed:
+        matrix = confusion(final)
+        confusion_figure(
+            matrix, "Final model: confusion matrix (test set)", figures / "confusion_final.png"
+        )
+        per_class = final.evals[final.completed[0]].get("per_class", {})
+        lines += [
+            "## Final model: confusion matrix and per-class accuracy",
+            "",
+            f"Seed {final.seeds[final.completed[0]]}.",
+            "",
+            "![confusion matrix](figures/confusion_final.png)",
+            "",
+            "| class | test accuracy |",
+            "| --- | --- |",
+            *(f"| {name} | {per_class[name]:.3f} |" for name in CLASSES if name in per_class),
+            "",
+        ]
+    timing = []
+    for run, r in results.items():
+        seconds = [s["seconds_per_epoch"] for s in r.summaries if s["seconds_per_epoch"]]
+        timing.append(f"| {run} | {fmt(seconds, 1)} | {r.summaries[0]['parameters']} |")
+    lines += [
+        "## Cost",
+        "",
+        "| run | seconds per epoch | parameters |",
+        "| --- | --- | --- |",
+        *timing,
+        "",
+    ]
+    write_text(args.out / "report.md", "\n".join(lines))
+    print(f"report: {args.out / 'report.md'}, {args.out / 'metrics.json'}, {figures}/")
+
+
+if __name__ == "__main__":
+    run_cli(main)
