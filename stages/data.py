@@ -20,6 +20,11 @@ RAW_MD5 = {
 CLASSES = FashionMNIST.classes
 
 
+def class_key(name: str) -> str:
+    """A class name usable as a metric key ('T-shirt/top' would nest under dvclive)."""
+    return name.replace("/", "_")
+
+
 def md5_hex(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 

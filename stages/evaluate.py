@@ -12,7 +12,7 @@ import torch
 from dvclive import Live
 
 from stages.config import RunConfig
-from stages.data import CLASSES, load_dataset
+from stages.data import CLASSES, class_key, load_dataset
 from stages.errors import UserError, run_cli
 from stages.model import MixerClassifier
 from stages.training import evaluate_logits, pick_device, predict
@@ -54,7 +54,7 @@ def main() -> None:
             mask = labels == index
             if mask.any():
                 class_accuracy = (predicted[mask] == index).float().mean().item()
-                live.log_metric(f"per_class/{name}", class_accuracy, plot=False)
+                live.log_metric(f"per_class/{class_key(name)}", class_accuracy, plot=False)
         live.log_sklearn_plot(
             "confusion_matrix",
             [CLASSES[i] for i in labels.tolist()],

@@ -20,7 +20,7 @@ import yaml
 
 from stages import config
 from stages.configure import load_params
-from stages.data import CLASSES
+from stages.data import CLASSES, class_key
 from stages.errors import UserError, run_cli
 from stages.files import atomic_write, write_json, write_text
 
@@ -289,10 +289,7 @@ def main() -> None:
         f"device: {first['device']}",
         "- train acc and loss: running means over the last epoch in training mode (as the report "
         "measured them); test acc: eval mode, after the last epoch",
-        "- a ± b: mean ± standard deviation over seeds. "
-        + __doc__.split("Rule for calling a difference real: ")[1]
-        .split("\n\n")[0]
-        .replace("\n", " "),
+        "- a ± b: mean ± standard deviation over seeds. " + RULE,
         "",
     ]
     for study, members in studies.items():
@@ -323,7 +320,7 @@ def main() -> None:
             "",
             "| class | test accuracy |",
             "| --- | --- |",
-            *(f"| {name} | {per_class[name]:.3f} |" for name in CLASSES if name in per_class),
+            *(f"| {name} | {per_class[class_key(name)]:.3f} |" for name in CLASSES),
             "",
         ]
     timing = []
