@@ -8,6 +8,7 @@ assembled in a temporary folder and moved into place only when all four are veri
 
 import argparse
 import gzip
+import http.client
 import io
 import shutil
 import urllib.request
@@ -40,10 +41,13 @@ def _decompress(name: str, blob: bytes) -> bytes:
 
 
 def _read_local(folder: Path, name: str) -> bytes:
-    if (folder / f"{name}.gz").is_file():
-        return _decompress(name, (folder / f"{name}.gz").read_bytes())
-    if (folder / name).is_file():
-        return (folder / name).read_bytes()
+    try:
+        if (folder / f"{name}.gz").is_file():
+            return _decompress(name, (folder / f"{name}.gz").read_bytes())
+        if (folder / name).is_file():
+            return (folder / name).read_bytes()
+    except OSError as exc:  # unreadable file: permissions, I/O error
+        raise SourceError(f"{name}: cannot read it in {folder} ({exc})") from exc
     raise SourceError(f"{name}.gz is missing in {folder}")
 
 
@@ -59,7 +63,9 @@ def _download(base_url: str, name: str) -> bytes:
                 while chunk := response.read(1 << 20):
                     buffer.write(chunk)
                     bar.update(len(chunk))
-    except OSError as exc:  # URLError, HTTPError, timeouts and refused connections
+    # OSError: URLError, HTTPError, timeouts, refused connections; HTTPException: a malformed
+    # URL in params (InvalidURL) or a cut chunked transfer (IncompleteRead)
+    except (OSError, http.client.HTTPException) as exc:
         raise SourceError(f"download of {url} failed ({exc})") from exc
     return _decompress(name, buffer.getvalue())
 

@@ -129,6 +129,7 @@ def _load_checkpoint(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _log_epoch(live: Live, record: dict[str, float]) -> None:
+    live.step = record["epoch"]  # the curves' x axis is the epoch number, from 1
     for name, value in record.items():
         if name != "epoch":
             live.log_metric(name, value)

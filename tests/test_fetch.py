@@ -1,0 +1,387 @@
+"""The `fetch` stage, for real: local folders, a local HTTP server, and the command line.
+
+Every source is built from the real files in ../shared (see `shared_data` in conftest.py). The
+expected MD5s below come from that folder's PROVENANCE.md, not from the code under test.
+"""
+
+import functools
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import fetch as fetch_module
+from stages.errors import UserError
+from stages.fetch import fetch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# MD5 of each decompressed file (PROVENANCE.md, "MD5 unpacked"), in the order fetch reads them.
+UNPACKED_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+# MD5 of the .gz files that Debian's dataset-fashion-mnist ships (PROVENANCE.md).
+DEBIAN_GZ_MD5 = {
+    "train-images-idx3-ubyte": "cf8536b0aa1a6ac5fa3f23001093305c",
+    "train-labels-idx1-ubyte": "10bea18fdb374794d4bb42e356e600c9",
+    "t10k-images-idx3-ubyte": "f78720b4224f21cce2f2ccf2d7a94c9a",
+    "t10k-labels-idx1-ubyte": "0d30e22e447f3c33dab9ed536400ac01",
+}
+NAMES = list(UNPACKED_MD5)
+CORRUPT = "t10k-labels-idx1-ubyte"  # the last file read, so the three before it pass first
+TRUNCATED = "train-labels-idx1-ubyte"
+MISSING = "t10k-images-idx3-ubyte"
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def copy_gz(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in NAMES:
+        if name not in skip:
+            shutil.copyfile(src / f"{name}.gz", dst / f"{name}.gz")
+    return dst
+
+
+def debian_header(blob: bytes) -> bytes:
+    """Debian's rewrite of an upstream .gz: FNAME flag and file name dropped, build mtime set."""
+    assert blob[:4] == b"\x1f\x8b\x08\x08", "expected an upstream gzip header with a file name"
+    body = blob.index(b"\0", 10) + 1
+    return b"\x1f\x8b\x08\x00" + struct.pack("<I", 0x5EDA0AED) + blob[8:10] + blob[body:]
+
+
+def assert_fetched(out: Path) -> None:
+    """`out` holds exactly the four decompressed files, where torchvision looks for them."""
+    raw = out / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted(NAMES)
+    for name, expected in UNPACKED_MD5.items():
+        assert md5((raw / name).read_bytes()) == expected, name
+
+
+def only_out_in_parent(out: Path) -> None:
+    """No staging folder (.out.XXXX) or old copy (.out.old) left beside the result."""
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def error_line(message: str, source: str) -> str:
+    """The line of fetch's UserError that reports `source`."""
+    lines = [line for line in message.splitlines() if line.startswith(f"  - {source}: ")]
+    assert len(lines) == 1, f"{source} is not reported once in:\n{message}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_folders(tmp_path_factory, shared_data) -> dict:
+    """Debian-style, corrupt, truncated and incomplete copies of the shared files, built once."""
+    root = tmp_path_factory.mktemp("sources")
+
+    debian = root / "debian"
+    debian.mkdir()
+    for name in NAMES:
+        blob = debian_header((shared_data / f"{name}.gz").read_bytes())
+        assert md5(blob) == DEBIAN_GZ_MD5[name]  # byte for byte what Debian ships
+        (debian / f"{name}.gz").write_bytes(blob)
+
+    corrupt = copy_gz(shared_data, root / "corrupt", skip=(CORRUPT,))
+    data = bytearray(gzip.decompress((shared_data / f"{CORRUPT}.gz").read_bytes()))
+    data[-1] ^= 0x01  # one label changed
+    (corrupt / f"{CORRUPT}.gz").write_bytes(gzip.compress(bytes(data), mtime=0))
+
+    truncated = copy_gz(shared_data, root / "truncated", skip=(TRUNCATED,))
+    blob = (shared_data / f"{TRUNCATED}.gz").read_bytes()
+    (truncated / f"{TRUNCATED}.gz").write_bytes(blob[: len(blob) // 2])
+
+    missing = copy_gz(shared_data, root / "missing", skip=(MISSING,))
+
+    return {
+        "debian": debian,
+        "corrupt": corrupt,
+        "corrupt_md5": md5(bytes(data)),
+        "truncated": truncated,
+        "missing": missing,
+    }
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # no request log in the test output
+        pass
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    """Start HTTP servers on 127.0.0.1 (any free port) serving a folder; stopped on teardown."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setattr(fetch_module, "DOWNLOAD_TIMEOUT_S", 10)
+    servers = []
+
+    def start(folder: Path) -> str:
+        handler = functools.partial(QuietHandler, directory=str(folder))
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def refused_url() -> str:
+    """A 127.0.0.1 URL on a port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+# --- local folders ----------------------------------------------------------------------------
+
+
+def test_upstream_folder_gives_files_that_torchvision_loads(shared_data, tmp_path):
+    from torchvision.datasets import FashionMNIST
+
+    out = tmp_path / "fashion-mnist"
+    assert fetch(["/nonexistent/fashion-mnist", str(shared_data)], out) == str(shared_data)
+    assert_fetched(out)
+    only_out_in_parent(out)
+
+    train = FashionMNIST(root=str(out), train=True, download=False)
+    test = FashionMNIST(root=str(out), train=False, download=False)
+    assert len(train) == 60_000
+    assert len(test) == 10_000
+    assert tuple(train.data.shape) == (60_000, 28, 28)
+    assert train.targets[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+
+
+def test_debian_gzip_headers_are_accepted(bad_folders, shared_data, tmp_path):
+    debian = bad_folders["debian"]
+    for name in NAMES:  # the .gz bytes differ from upstream; only the header does
+        assert (debian / f"{name}.gz").read_bytes() != (shared_data / f"{name}.gz").read_bytes()
+    out = tmp_path / "out"
+    assert fetch([str(debian)], out) == str(debian)
+    assert_fetched(out)
+
+
+def test_uncompressed_files_are_accepted(shared_data, tmp_path):
+    first = tmp_path / "first"
+    fetch([str(shared_data)], first)
+    raw = first / "FashionMNIST" / "raw"  # torchvision's layout: no .gz files
+    out = tmp_path / "second"
+    assert fetch([str(raw)], out) == str(raw)
+    assert_fetched(out)
+
+
+def test_corrupt_file_names_file_and_both_md5s(bad_folders, tmp_path):
+    corrupt = str(bad_folders["corrupt"])
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as info:
+        fetch([corrupt], out)
+    line = error_line(str(info.value), corrupt)
+    assert CORRUPT in line
+    assert UNPACKED_MD5[CORRUPT] in line
+    assert bad_folders["corrupt_md5"] in line
+    assert not out.exists()
+
+
+def test_corrupt_source_is_skipped_for_the_next(bad_folders, shared_data, tmp_path):
+    out = tmp_path / "out"
+    assert fetch([str(bad_folders["corrupt"]), str(shared_data)], out) == str(shared_data)
+    assert_fetched(out)  # the corrupt labels did not slip through
+    only_out_in_parent(out)
+
+
+def test_truncated_gz_names_file_and_next_source_is_used(bad_folders, shared_data, tmp_path):
+    truncated = str(bad_folders["truncated"])
+    with pytest.raises(UserError) as info:
+        fetch([truncated], tmp_path / "alone")
+    line = error_line(str(info.value), truncated)
+    assert f"{TRUNCATED}.gz" in line
+    assert "gzip" in line
+
+    out = tmp_path / "out"
+    assert fetch([truncated, str(shared_data)], out) == str(shared_data)
+    assert_fetched(out)
+
+
+def test_missing_file_is_named(bad_folders, tmp_path):
+    missing = str(bad_folders["missing"])
+    with pytest.raises(UserError) as info:
+        fetch([missing], tmp_path / "out")
+    line = error_line(str(info.value), missing)
+    assert f"{MISSING}.gz is missing" in line
+
+
+def test_no_good_source_lists_every_reason_and_leaves_nothing(bad_folders, serve, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    not_found_url = serve(empty)
+    refused = refused_url()
+    sources = {
+        "/nonexistent/fashion-mnist": "train-images-idx3-ubyte.gz is missing",
+        str(bad_folders["corrupt"]): UNPACKED_MD5[CORRUPT],
+        str(bad_folders["truncated"]): f"{TRUNCATED}.gz is not a complete gzip file",
+        str(bad_folders["missing"]): f"{MISSING}.gz is missing",
+        not_found_url: "404",
+        refused: "failed",
+    }
+    parent = tmp_path / "parent"
+    out = parent / "fashion-mnist"
+    with pytest.raises(UserError) as info:
+        fetch(list(sources), out)
+    message = str(info.value)
+    for source, reason in sources.items():
+        assert reason in error_line(message, source)
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "add a folder" in message
+    assert "download URL" in message
+    assert not out.exists()
+    assert list(parent.iterdir()) == []  # no staging folders left behind
+
+
+def test_empty_source_list_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"fetch\.sources is empty"):
+        fetch([], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --- existing output --------------------------------------------------------------------------
+
+
+def test_refetch_replaces_existing_output(shared_data, tmp_path):
+    out = tmp_path / "out"
+    (out / "FashionMNIST" / "raw").mkdir(parents=True)
+    (out / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"old and wrong")
+    (out / "FashionMNIST" / "raw" / "stale.txt").write_text("stale")
+    (out / "junk.txt").write_text("junk")
+
+    assert fetch([str(shared_data)], out) == str(shared_data)
+    assert_fetched(out)  # exactly the four verified files: old content is gone
+    only_out_in_parent(out)
+
+
+def test_failed_fetch_keeps_existing_output(bad_folders, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous data")
+    with pytest.raises(UserError):
+        fetch([str(bad_folders["corrupt"])], out)
+    assert (out / "keep.txt").read_text() == "previous data"
+    only_out_in_parent(out)
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+def test_download_from_http_server(shared_data, serve, tmp_path):
+    url = serve(copy_gz(shared_data, tmp_path / "www"))
+    out = tmp_path / "dest" / "out"
+    assert fetch([url], out) == url
+    assert_fetched(out)
+    only_out_in_parent(out)
+
+
+def test_corrupt_download_fails_with_md5_then_local_source_is_used(
+    bad_folders, shared_data, serve, tmp_path
+):
+    url = serve(bad_folders["corrupt"])
+    with pytest.raises(UserError) as info:
+        fetch([url], tmp_path / "alone")
+    line = error_line(str(info.value), url)
+    assert CORRUPT in line
+    assert UNPACKED_MD5[CORRUPT] in line
+    assert bad_folders["corrupt_md5"] in line
+
+    out = tmp_path / "out"
+    assert fetch([url, str(shared_data)], out) == str(shared_data)
+    assert_fetched(out)
+
+
+def test_http_404_is_a_clean_failure(serve, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    url = serve(empty)
+    with pytest.raises(UserError) as info:
+        fetch([url], tmp_path / "out")
+    line = error_line(str(info.value), url)
+    assert f"download of {url}train-images-idx3-ubyte.gz failed" in line
+    assert "404" in line
+
+
+def test_malformed_url_falls_through_to_next_source(shared_data, serve, tmp_path):
+    bad = "http://127.0.0.1:notaport/"  # a typo in params.yaml (http.client.InvalidURL)
+    with pytest.raises(UserError) as info:
+        fetch([bad], tmp_path / "alone")
+    assert "failed" in error_line(str(info.value), bad)
+    out = tmp_path / "out"
+    assert fetch([bad, str(shared_data)], out) == str(shared_data)
+    assert_fetched(out)
+
+
+# --- the stage as a command -------------------------------------------------------------------
+
+
+def run_stage(cwd: Path, params: dict) -> subprocess.CompletedProcess:
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    return subprocess.run(
+        [sys.executable, "-m", "stages.fetch", "--params", "params.yaml"]
+        + ["--out", "data/fashion-mnist", "--record", "data/fetch.json"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_command_uses_first_good_source_and_records_it(shared_data, tmp_path):
+    proc = run_stage(tmp_path, {"fetch": {"sources": ["/nonexistent/fm", str(shared_data)]}})
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "data" / "fetch.json").read_text())
+    assert record["source"] == str(shared_data)
+    assert record["files_md5"] == UNPACKED_MD5
+    assert_fetched(tmp_path / "data" / "fashion-mnist")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["fashion-mnist", "fetch.json"]
+
+
+def test_command_without_good_source_exits_2(bad_folders, tmp_path):
+    sources = ["/nonexistent/fm", str(bad_folders["missing"])]
+    proc = run_stage(tmp_path, {"fetch": {"sources": sources}})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:")
+    assert "Traceback" not in proc.stderr
+    for source in sources:
+        assert source in proc.stderr
+    assert not (tmp_path / "data" / "fashion-mnist").exists()
+    assert not (tmp_path / "data" / "fetch.json").exists()
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_command_rejects_sources_that_are_not_a_list(shared_data, tmp_path):
+    proc = run_stage(tmp_path, {"fetch": {"sources": str(shared_data)}})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:")
+    assert "fetch.sources" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data" / "fashion-mnist").exists()

@@ -1,0 +1,413 @@
+"""The model, its initialisation, optimizers and scheduler, on tiny random tensors only."""
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from stages.config import resolve_run
+from stages.model import MixerClassifier, count_parameters, forward_flops, patchify
+from stages.training import build_model, make_optimizer, make_scheduler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def config(params: dict, run: str = "final", preset: dict | None = None, **base):
+    """The run's configuration with base keys and preset (models.report) keys changed."""
+    p = copy.deepcopy(params)
+    p.update(base)
+    p["models"]["report"].update(preset or {})
+    return resolve_run(p, run)
+
+
+def linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    return [(m.in_features, m.out_features) for m in linears(model)]
+
+
+def batchnorm_sizes(model: nn.Module) -> list[int]:
+    return [m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+
+
+def counted_flops(model: nn.Module, images: torch.Tensor) -> int:
+    """Multiply-adds x 2 of every Linear actually run, per image, measured with hooks."""
+    total = 0
+
+    def hook(module, inputs, _output):
+        nonlocal total
+        rows = inputs[0].numel() // module.in_features
+        total += rows * module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in linears(model)]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return 2 * total // images.shape[0]
+
+
+# ---------------------------------------------------------------- patchify
+
+
+def test_patchify_shape_and_row_major_patches():
+    images = torch.randn(2, 1, 28, 28)
+    patches = patchify(images, 4)
+    assert patches.shape == (2, 49, 16)
+    for b in range(2):
+        for k in (0, 1, 6, 7, 8, 20, 42, 48):
+            row, col = divmod(k, 7)
+            crop = images[b, 0, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4]
+            assert torch.equal(patches[b, k], crop.reshape(16)), (b, k)
+
+
+def test_patchify_other_patch_size_keeps_every_pixel_once():
+    images = torch.arange(2 * 28 * 28, dtype=torch.float32).reshape(2, 1, 28, 28)
+    patches = patchify(images, 7)
+    assert patches.shape == (2, 16, 49)
+    # patch 5 of image 1: grid row 1, column 1
+    assert torch.equal(patches[1, 5], images[1, 0, 7:14, 7:14].reshape(49))
+    assert torch.equal(patches.flatten().sort().values, images.flatten().sort().values)
+
+
+# ---------------------------------------------------------------- the report's model
+
+REPORT_LINEARS = [(16, 300), (49, 80), (80, 60), (300, 200), (200, 60), (60, 10)]
+
+
+def test_report_preset_parameters_and_output(params):
+    cfg = config(params)
+    assert cfg.model.blocks == 1
+    model = MixerClassifier(cfg.model)
+    # stem 16*300+300, token 49*80+80 + 80*60+60, BN(300), channel 300*200+200 + 200*60+60,
+    # BN(60), classifier 60*10+10
+    assert count_parameters(model) == 87_550
+    assert count_parameters(model) == (5100 + 4000 + 4860 + 2 * 300 + 60200 + 12060 + 2 * 60 + 610)
+    model.eval()
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_report_preset_layer_shapes(params):
+    model = MixerClassifier(config(params).model)
+    assert linear_shapes(model) == REPORT_LINEARS
+    stem = model.stem
+    assert isinstance(stem[0], nn.Linear) and (stem[0].in_features, stem[0].out_features) == (
+        16,
+        300,
+    )
+    assert sum(isinstance(m, nn.Linear) for m in stem.modules()) == 1
+    assert isinstance(stem[1], nn.ReLU)
+    block = model.blocks[0]
+    assert linear_shapes(block.token_mixing) == [(49, 80), (80, 60)]
+    assert linear_shapes(block.channel_mixing) == [(300, 200), (200, 60)]
+    assert isinstance(block.token_norm, nn.BatchNorm1d) and block.token_norm.num_features == 300
+    assert isinstance(block.channel_norm, nn.BatchNorm1d)
+    assert block.channel_norm.num_features == 60
+    assert batchnorm_sizes(model) == [300, 60]
+    assert (model.classifier.in_features, model.classifier.out_features) == (60, 10)
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert [d.p for d in dropouts] == [0.1]
+
+
+def test_report_preset_flops(params):
+    cfg = config(params)
+    # per image: stem 49*16*300, token 300*(49*80 + 80*60), channel 60*(300*200 + 200*60), 60*10
+    macs = 49 * 16 * 300 + 300 * (49 * 80 + 80 * 60) + 60 * (300 * 200 + 200 * 60) + 60 * 10
+    assert macs == 7_171_800
+    assert forward_flops(cfg.model) == 2 * macs
+    assert forward_flops(cfg.model) == pytest.approx(2 * 7.17e6, rel=2e-3)
+    model = MixerClassifier(cfg.model)
+    assert counted_flops(model, torch.rand(2, 1, 28, 28)) == forward_flops(cfg.model)
+
+
+# ---------------------------------------------------------------- more blocks
+
+# Each later block: tokens 60 -> 80 -> 60, features 60 -> 200 -> 60, BatchNorm(60) twice.
+LATER_BLOCK = (60 * 80 + 80) + (80 * 60 + 60) + 2 * 60 + (60 * 200 + 200) + (200 * 60 + 60) + 2 * 60
+
+
+@pytest.mark.parametrize(("run", "blocks"), [("blocks-2", 2), ("blocks-3", 3)])
+def test_later_blocks_follow_the_documented_rule(params, run, blocks):
+    cfg = config(params, run)
+    assert cfg.model.blocks == blocks
+    model = MixerClassifier(cfg.model)
+    assert LATER_BLOCK == 34_240
+    assert count_parameters(model) == 87_550 + (blocks - 1) * LATER_BLOCK
+    assert count_parameters(model) == {2: 121_790, 3: 156_030}[blocks]
+    assert len(model.blocks) == blocks
+    for block in model.blocks[1:]:
+        assert linear_shapes(block.token_mixing) == [(60, 80), (80, 60)]
+        assert linear_shapes(block.channel_mixing) == [(60, 200), (200, 60)]
+        assert block.token_norm.num_features == 60
+        assert block.channel_norm.num_features == 60
+    assert model.classifier.in_features == 60
+    model.eval()
+    x = torch.rand(2, 1, 28, 28)
+    assert model(x).shape == (2, 10)
+    # each later block adds 60*(60*80 + 80*60) + 60*(60*200 + 200*60) multiply-adds
+    later_macs = 60 * (60 * 80 + 80 * 60) + 60 * (60 * 200 + 200 * 60)
+    assert forward_flops(cfg.model) == 2 * (7_171_800 + (blocks - 1) * later_macs)
+    assert counted_flops(model, x) == forward_flops(cfg.model)
+
+
+def test_per_block_widths_are_honoured(params):
+    cfg = config(
+        params,
+        blocks=2,
+        preset={"token_mlp": [[32, 20], [16, 10]], "channel_mlp": [[100, 50], [40, 30]]},
+    )
+    assert cfg.model.token_mlp == ((32, 20), (16, 10))
+    assert cfg.model.channel_mlp == ((100, 50), (40, 30))
+    model = MixerClassifier(cfg.model)
+    first, second = model.blocks
+    assert linear_shapes(first.token_mixing) == [(49, 32), (32, 20)]
+    assert linear_shapes(first.channel_mixing) == [(300, 100), (100, 50)]
+    assert linear_shapes(second.token_mixing) == [(20, 16), (16, 10)]
+    assert linear_shapes(second.channel_mixing) == [(50, 40), (40, 30)]
+    # token norm over the incoming features, channel norm over the outgoing token rows
+    assert batchnorm_sizes(model) == [300, 20, 50, 10]
+    assert (model.classifier.in_features, model.classifier.out_features) == (10, 10)
+    expected = (
+        (16 * 300 + 300)
+        + (49 * 32 + 32) + (32 * 20 + 20) + 2 * 300 + (300 * 100 + 100) + (100 * 50 + 50) + 2 * 20
+        + (20 * 16 + 16) + (16 * 10 + 10) + 2 * 50 + (50 * 40 + 40) + (40 * 30 + 30) + 2 * 10
+        + (10 * 10 + 10)
+    )  # fmt: skip
+    assert count_parameters(model) == expected
+    model.eval()
+    x = torch.rand(4, 1, 28, 28)
+    assert model(x).shape == (4, 10)
+    assert model.blocks(model.stem(patchify(x, 4))).shape == (4, 10, 30)
+    assert counted_flops(model, x) == forward_flops(cfg.model)
+
+
+def test_token_widths_per_block_with_shared_channel_widths(params):
+    cfg = config(params, blocks=2, preset={"token_mlp": [[32, 20], [16, 10]]})
+    model = MixerClassifier(cfg.model)
+    assert linear_shapes(model.blocks[1].token_mixing) == [(20, 16), (16, 10)]
+    assert linear_shapes(model.blocks[1].channel_mixing) == [(60, 200), (200, 60)]
+    assert model.classifier.in_features == 10
+    model.eval()
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+# ---------------------------------------------------------------- architecture options
+
+
+def test_mlp_stem(params):
+    model = MixerClassifier(config(params, preset={"stem_hidden": 64}).model)
+    stem_linears = [m for m in model.stem.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in stem_linears] == [(16, 64), (64, 300)]
+    model.eval()
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    cfg = config(params, preset={"stem_hidden": 64}).model
+    assert counted_flops(model, torch.rand(2, 1, 28, 28)) == forward_flops(cfg)
+
+
+def test_norm_none_has_no_batchnorm(params):
+    model = MixerClassifier(config(params, preset={"norm": "none"}).model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert count_parameters(model) == 87_550 - 2 * 300 - 2 * 60
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_gelu_activation(params):
+    model = MixerClassifier(config(params, preset={"activation": "gelu"}).model)
+    kinds = {type(m) for m in model.modules()}
+    assert nn.GELU in kinds
+    assert nn.ReLU not in kinds
+    relu_model = MixerClassifier(config(params).model)
+    assert nn.GELU not in {type(m) for m in relu_model.modules()}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5])
+def test_dropout_value_honoured(params, p):
+    model = MixerClassifier(config(params, "blocks-2", preset={"dropout": p}).model)
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(dropouts) == 2
+    assert all(d.p == p for d in dropouts)
+
+
+# ---------------------------------------------------------------- initialisation
+
+
+def test_xavier_uniform_init(params):
+    model = build_model(config(params, init="xavier_uniform"), seed=0)
+    for layer in linears(model):
+        fan_out, fan_in = layer.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        w = layer.weight.detach()
+        assert w.abs().max().item() <= bound + 1e-7
+        assert w.var().item() == pytest.approx(2 / (fan_in + fan_out), rel=0.2), layer
+        assert torch.count_nonzero(layer.bias) == 0
+    big = model.blocks[0].channel_mixing[0]  # 300 -> 200
+    assert big.weight.var().item() == pytest.approx(2 / 500, rel=0.05)
+    assert big.weight.abs().max().item() > 0.95 * math.sqrt(6 / 500)
+
+
+@pytest.mark.parametrize("std", [1.0, 0.02])
+def test_normal_init(params, std):
+    model = build_model(config(params, init="normal", init_std=std), seed=0)
+    big = model.blocks[0].channel_mixing[0]
+    assert big.weight.shape == (200, 300)
+    assert big.weight.std().item() == pytest.approx(std, rel=0.1)
+    assert big.weight.mean().item() == pytest.approx(0.0, abs=0.05 * std)
+    for layer in linears(model):
+        assert layer.weight.std().item() == pytest.approx(std, rel=0.25), layer
+        assert torch.count_nonzero(layer.bias) == 0
+
+
+def test_kaiming_uniform_init(params):
+    model = build_model(config(params, init="kaiming_uniform"), seed=0)
+    for layer in linears(model):
+        fan_in = layer.in_features
+        bound = math.sqrt(6 / fan_in)
+        w = layer.weight.detach()
+        assert w.abs().max().item() <= bound + 1e-7
+        assert w.var().item() == pytest.approx(2 / fan_in, rel=0.2), layer
+        assert torch.count_nonzero(layer.bias) == 0
+    big = model.blocks[0].channel_mixing[0]
+    assert big.weight.abs().max().item() > 0.95 * math.sqrt(6 / 300)
+
+
+def test_default_init_keeps_pytorch_biases(params):
+    model = build_model(config(params, init="default"), seed=0)
+    for layer in linears(model):
+        bound = 1 / math.sqrt(layer.in_features)  # PyTorch's default for Linear
+        assert torch.count_nonzero(layer.bias) > 0, layer
+        assert layer.bias.abs().max().item() <= bound + 1e-7
+        assert layer.weight.abs().max().item() <= bound + 1e-7
+
+
+@pytest.mark.parametrize("init", ["xavier_uniform", "normal", "kaiming_uniform", "default"])
+def test_seed_fixes_the_weights(params, init):
+    cfg = config(params, init=init)
+    a = build_model(cfg, seed=3).state_dict()
+    b = build_model(cfg, seed=3).state_dict()
+    c = build_model(cfg, seed=4).state_dict()
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    weights = [k for k in a if k.endswith("weight") and a[k].dim() == 2]
+    assert len(weights) == 6
+    assert all(not torch.equal(a[k], c[k]) for k in weights)
+
+
+# ---------------------------------------------------------------- optimizer and scheduler
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "lr", "momentum", "weight_decay"),
+    [
+        ("adam", torch.optim.Adam, 0.01, 0.0, 0.0),
+        ("adam", torch.optim.Adam, 0.001, 0.0, 1e-4),
+        ("radam", torch.optim.RAdam, 0.003, 0.0, 5e-4),
+        ("sgd", torch.optim.SGD, 0.05, 0.9, 5e-4),
+        ("sgd", torch.optim.SGD, 0.1, 0.0, 0.0),
+    ],
+)
+def test_make_optimizer(params, name, kind, lr, momentum, weight_decay):
+    cfg = config(params, optimizer=name, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    model = MixerClassifier(cfg.model)
+    opt = make_optimizer(cfg, model.parameters())
+    assert type(opt) is kind
+    assert len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert group["lr"] == lr
+    assert group["weight_decay"] == weight_decay
+    assert not group.get("decoupled_weight_decay", False)  # Adam/RAdam, not AdamW-style
+    if name == "sgd":
+        assert group["momentum"] == momentum
+        assert group["nesterov"] is False
+    assert sum(p.numel() for p in group["params"]) == 87_550
+
+
+@pytest.mark.parametrize(
+    ("mode", "factor", "patience"), [("min", 0.1, 10), ("max", 0.5, 3), ("min", 0.2, 0)]
+)
+def test_make_scheduler_plateau(params, mode, factor, patience):
+    cfg = config(params, plateau_mode=mode, plateau_factor=factor, plateau_patience=patience)
+    opt = make_optimizer(cfg, MixerClassifier(cfg.model).parameters())
+    sched = make_scheduler(cfg, opt)
+    assert isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert sched.mode == mode
+    assert sched.factor == factor
+    assert sched.patience == patience
+    assert sched.optimizer is opt
+
+
+def test_make_scheduler_none(params):
+    cfg = config(params, scheduler="none")
+    opt = make_optimizer(cfg, MixerClassifier(cfg.model).parameters())
+    assert make_scheduler(cfg, opt) is None
+
+
+def test_plateau_min_on_rising_accuracy_is_a_step_decay(params):
+    """The report's quirk: mode 'min' fed a rising accuracy cuts lr by 10x every 11 epochs."""
+    cfg = config(params)
+    assert (cfg.lr, cfg.plateau_mode, cfg.plateau_factor, cfg.plateau_patience) == (
+        0.01, "min", 0.1, 10
+    )  # fmt: skip
+    opt = make_optimizer(cfg, MixerClassifier(cfg.model).parameters())
+    sched = make_scheduler(cfg, opt)
+    lrs = []
+    for epoch in range(12):
+        sched.step(0.5 + 0.01 * epoch)  # accuracy keeps rising
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[:11] == [0.01] * 11  # patience + 1 = 11 steps without a cut
+    assert lrs[11] == pytest.approx(0.001, rel=1e-12)
+    cuts = sum(1 for a, b in zip(lrs, lrs[1:], strict=False) if b < a)
+    assert cuts == 1
+    for epoch in range(12, 23):
+        sched.step(0.5 + 0.01 * epoch)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0001, rel=1e-12)  # next cut 11 later
+
+
+def test_plateau_max_on_rising_accuracy_never_cuts(params):
+    cfg = config(params, plateau_mode="max")
+    opt = make_optimizer(cfg, MixerClassifier(cfg.model).parameters())
+    sched = make_scheduler(cfg, opt)
+    for epoch in range(30):
+        sched.step(0.5 + 0.01 * epoch)
+    assert opt.param_groups[0]["lr"] == 0.01
+
+
+# ---------------------------------------------------------------- one training step
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "radam", "sgd"])
+def test_one_training_step(params, optimizer):
+    cfg = config(params, optimizer=optimizer, momentum=0.9 if optimizer == "sgd" else 0.0)
+    model = build_model(cfg, seed=0)
+    model.train()
+    opt = make_optimizer(cfg, model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(8, 1, 28, 28, generator=gen)
+    labels = torch.randint(0, 10, (8,), generator=gen)
+    loss = nn.functional.cross_entropy(model(images), labels)
+    assert torch.isfinite(loss)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    for name, _ in model.named_parameters():
+        assert name in changed, name
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(images)).all()
