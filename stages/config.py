@@ -95,7 +95,7 @@ OTHER_TOP_KEYS = ("models", "runs", "studies", "seeds", "fetch")
 
 
 def _unknown(key: str, where: str, allowed: tuple[str, ...]) -> UserError:
-    close = difflib.get_close_matches(key, allowed, n=1)
+    close = difflib.get_close_matches(str(key), allowed, n=1)  # YAML keys may be ints or bools
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return UserError(f"unknown key '{key}' in {where}{hint}; allowed: {', '.join(allowed)}")
 
@@ -193,7 +193,9 @@ def build_config(values: dict[str, Any], where: str = "params.yaml") -> RunConfi
         raise UserError(f"{where} is missing {', '.join(missing)}")
     v = values
     models = v.get("models") or {}
-    if v["model"] not in models:
+    if not isinstance(models, dict):
+        raise UserError(f"params.yaml: models={models!r} must map preset names to settings")
+    if not isinstance(v["model"], str) or v["model"] not in models:
         raise UserError(
             f"{where}: model={v['model']!r} is not a preset under models; "
             f"choose one of: {', '.join(models) or '(none defined)'}"

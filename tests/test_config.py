@@ -37,6 +37,11 @@ def configure(params_path: Path, out: Path) -> subprocess.CompletedProcess:
     )
 
 
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -53,7 +58,12 @@ def test_repo_params_resolve_to_seven_runs(repo_params):
     assert final.model_name == "report"
     assert final.model.token_mlp == ((80, 60),)
     assert final.model.channel_mlp == ((200, 60),)
-    assert (final.optimizer, final.init, final.lr, final.epochs) == ("adam", "xavier_uniform", 0.01, 60)
+    assert (final.optimizer, final.init, final.lr, final.epochs) == (
+        "adam",
+        "xavier_uniform",
+        0.01,
+        60,
+    )
     assert configs["radam"].optimizer == "radam"
     assert configs["sgd"].optimizer == "sgd"
     assert configs["init-normal"].init == "normal"
@@ -235,6 +245,42 @@ def test_unknown_key_in_a_model_preset(params):
     assert "did you mean 'stem_width'?" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        (
+            "model",
+            ["report"],
+            "model=['report'] is not a preset under models; choose one of: report",
+        ),
+        ("model", {"name": "report"}, "is not a preset under models"),
+        ("models", ["report"], "models=['report'] must map preset names"),
+    ],
+    ids=["model-list", "model-mapping", "models-list"],
+)
+def test_unhashable_or_wrong_type_is_a_user_error(params, key, value, needle):
+    params[key] = value
+    with pytest.raises(UserError) as info:
+        resolve_all(params)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("key", [1, True, None])
+def test_non_string_key_is_a_user_error(params, key):
+    # YAML 1.1 reads `1:`, `on:`/`yes:` and `~:` keys as int, bool and None
+    params[key] = "x"
+    with pytest.raises(UserError, match=rf"unknown key '{key}' in params\.yaml; allowed: model"):
+        resolve_all(params)
+    del params[key]
+    params["models"]["report"][key] = "x"
+    with pytest.raises(UserError, match=rf"unknown key '{key}' in models\.report"):
+        resolve_all(params)
+    del params["models"]["report"][key]
+    params["runs"]["radam"][key] = "x"
+    with pytest.raises(UserError, match=rf"unknown key '{key}' in runs\.radam"):
+        resolve_all(params)
+
+
 def test_missing_key(params):
     del params["lr"]
     with pytest.raises(UserError, match=r"missing lr"):
@@ -332,6 +378,13 @@ def test_command_invalid_yaml(tmp_path):
 def test_command_missing_params_file(tmp_path):
     proc = configure(tmp_path / "nope.yaml", tmp_path / "configs")
     assert_one_line_error(proc, "does not exist")
+
+
+def test_command_yaml_bool_key(tmp_path):
+    text = (REPO / "params.yaml").read_text() + "on: true\n"  # YAML 1.1: key True
+    proc = configure(write_text(tmp_path / "p.yaml", text), tmp_path / "configs")
+    assert_one_line_error(proc, "unknown key 'True' in params.yaml")
+    assert not (tmp_path / "configs").exists()
 
 
 def test_command_params_not_a_mapping(tmp_path):

@@ -1,6 +1,7 @@
 """The model, its initialisation, optimizers and scheduler, on tiny random tensors only."""
 
 import copy
+import itertools
 import math
 from pathlib import Path
 
@@ -369,7 +370,7 @@ def test_plateau_min_on_rising_accuracy_is_a_step_decay(params):
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[:11] == [0.01] * 11  # patience + 1 = 11 steps without a cut
     assert lrs[11] == pytest.approx(0.001, rel=1e-12)
-    cuts = sum(1 for a, b in zip(lrs, lrs[1:], strict=False) if b < a)
+    cuts = sum(1 for a, b in itertools.pairwise(lrs) if b < a)
     assert cuts == 1
     for epoch in range(12, 23):
         sched.step(0.5 + 0.01 * epoch)

@@ -1,0 +1,141 @@
+"""The train and evaluate stages for real, on a slice of the real data: determinism, resume
+after `kill -9`, divergence, and a missing data folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages.config import resolve_run
+from stages.fetch import fetch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"epochs": 3, "batch_size": 64, "train_limit": 1500, "val_size": 300, "test_limit": 300}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, shared_data) -> Path:
+    out = tmp_path_factory.mktemp("data") / "fashion-mnist"
+    fetch([str(shared_data)], out)
+    return out
+
+
+def write_config(folder: Path, **changes) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update(TINY, **changes)
+    path = folder / "tiny.json"
+    path.write_text(json.dumps(resolve_run(params, "final").to_dict()))
+    return path
+
+
+def train_cmd(config: Path, data: Path, out: Path, checkpoint: Path, seed: int = 0) -> list[str]:
+    return [
+        sys.executable, "-m", "stages.train", "--config", str(config), "--seed", str(seed),
+        "--data", str(data), "--out", str(out), "--checkpoint", str(checkpoint),
+    ]  # fmt: skip
+
+
+def run_stage(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+
+
+def history(out: Path) -> list[dict]:
+    """Per-epoch metrics without the wall-clock times."""
+    summary = json.loads((out / "summary.json").read_text())
+    return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in summary["history"]]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir) -> tuple[Path, Path]:
+    """An uninterrupted tiny run with seed 0: (its config file, its output folder)."""
+    folder = tmp_path_factory.mktemp("reference")
+    config = write_config(folder)
+    proc = run_stage(train_cmd(config, data_dir, folder / "out", folder / "state.pt"))
+    assert proc.returncode == 0, proc.stderr
+    assert not (folder / "state.pt").exists()  # a finished run removes its checkpoint
+    return config, folder / "out"
+
+
+def test_another_seed_gives_other_metrics(tmp_path, data_dir, reference):
+    config, out = reference
+    proc = run_stage(train_cmd(config, data_dir, tmp_path / "seed1", tmp_path / "s.pt", seed=1))
+    assert proc.returncode == 0, proc.stderr
+    assert history(tmp_path / "seed1") != history(out)
+
+
+def test_kill_9_mid_run_then_rerun_resumes_and_matches_uninterrupted(tmp_path, data_dir, reference):
+    config, expected_out = reference
+    out, checkpoint = tmp_path / "killed", tmp_path / "killed.pt"
+    victim = subprocess.Popen(
+        train_cmd(config, data_dir, out, checkpoint),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert checkpoint.exists() and not (out / "model.pt").exists()
+
+    resumed = run_stage(train_cmd(config, data_dir, out, checkpoint))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stdout
+    # bitwise the same run as the uninterrupted one (same seed, on the CPU)
+    assert history(out) == history(expected_out)
+    final = torch.load(out / "model.pt", weights_only=False)["state_dict"]
+    expected = torch.load(expected_out / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    # the dvclive curves are rebuilt whole: one row per epoch, none repeated
+    rows = (out / "live" / "plots" / "metrics" / "test" / "accuracy.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in rows[1:]] == ["1", "2", "3"]
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tmp_path, data_dir):
+    config = write_config(tmp_path, epochs=1)
+    checkpoint = tmp_path / "state.pt"
+    torch.save({"key": {"config": "another run", "seed": 0, "code": "old"}}, checkpoint)
+    proc = run_stage(train_cmd(config, data_dir, tmp_path / "out", checkpoint))
+    assert proc.returncode == 0, proc.stderr
+    assert "ignoring checkpoint" in proc.stdout
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["epochs_completed"] == 1
+
+
+def test_divergence_is_recorded_and_evaluate_reports_it(tmp_path, data_dir):
+    config = write_config(tmp_path, optimizer="sgd", lr=1.0e6, epochs=2)
+    out = tmp_path / "train"
+    proc = run_stage(train_cmd(config, data_dir, out, tmp_path / "c.pt"))
+    assert proc.returncode == 0, proc.stderr  # a grid of runs carries on
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged"] is True
+    assert summary["diverged_epoch"] == 1
+    assert summary["epochs_completed"] == 0
+
+    evaluated = run_stage(
+        [sys.executable, "-m", "stages.evaluate", "--train", str(out), "--data", str(data_dir),
+         "--out", str(tmp_path / "eval")]
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["diverged"] == 1 and metrics["diverged_epoch"] == 1
+    assert "test" not in metrics
+
+
+def test_missing_data_folder_is_a_one_line_error_and_writes_nothing(tmp_path):
+    config = write_config(tmp_path)
+    out = tmp_path / "train"
+    proc = run_stage(train_cmd(config, tmp_path / "nowhere", out, tmp_path / "c.pt"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data folder")
+    assert "dvc repro fetch" in lines[0]
+    assert not out.exists() and not (tmp_path / "c.pt").exists()
