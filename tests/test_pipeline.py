@@ -100,6 +100,9 @@ def test_repro_runs_every_stage_once_then_nothing(reproduced):
     assert set(metrics) == {"final", "blocks-2", "radam"}
     assert 0.0 < metrics["final"]["test_accuracy"] <= 1.0
     assert (project / "results" / "report.md").read_text().count("## Study:") == 3
+    for name in ("blocks", "optimizer", "final", "confusion_final"):
+        png = (project / "results" / "figures" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
 
 
 def test_exp_run_reruns_exactly_the_runs_that_use_the_changed_key(project):

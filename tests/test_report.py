@@ -1,0 +1,144 @@
+"""The report stage on synthetic run folders: tables, spread rule, verdicts, diverged runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.data import CLASSES, class_key
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(runs: Path, name: str, seed: int, test_acc: float | None, diverged_at=None):
+    """Write what the train and evaluate stages would write for one run and seed."""
+    history = [
+        {"epoch": e, "train/loss": 1.0 / e, "train/accuracy": 0.8 + 0.01 * e,
+         "val/loss": 0.5, "val/accuracy": 0.85, "test/loss": 0.4,
+         "test/accuracy": (test_acc or 0.5) - 0.01 * (3 - e), "lr": 0.01, "epoch_seconds": 2.0}
+        for e in range(1, (diverged_at or 4))
+    ]  # fmt: skip
+    summary = {
+        "run": name, "seed": seed, "parameters": 87550, "train_images": 55000,
+        "val_images": 5000, "test_images": 10000, "epochs_completed": len(history),
+        "diverged": diverged_at is not None, "diverged_epoch": diverged_at,
+        "final": history[-1] if history else None, "device": "cpu",
+        "seconds_per_epoch": 2.0 if history else None, "history": history,
+        "config": {"epochs": 3},
+    }  # fmt: skip
+    train = runs / f"{name}-{seed}" / "train"
+    train.mkdir(parents=True)
+    (train / "summary.json").write_text(json.dumps(summary))
+    evaluation = runs / f"{name}-{seed}" / "eval"
+    evaluation.mkdir(parents=True)
+    metrics = {"diverged": int(diverged_at is not None)}
+    if diverged_at is None:
+        metrics["test"] = {"loss": 0.3, "accuracy": test_acc}
+        metrics["per_class"] = {class_key(c): 0.9 for c in CLASSES}
+        cm = [{"actual": c, "predicted": c} for c in CLASSES for _ in range(9)]
+        cm += [{"actual": c, "predicted": CLASSES[0]} for c in CLASSES]
+        (evaluation / "plots" / "sklearn").mkdir(parents=True)
+        (evaluation / "plots" / "sklearn" / "confusion_matrix.json").write_text(json.dumps(cm))
+    else:
+        metrics["diverged_epoch"] = diverged_at
+    (evaluation / "metrics.json").write_text(json.dumps(metrics))
+
+
+def make_report(tmp_path: Path, accuracies: dict[str, list], seeds: list[int]) -> Path:
+    """accuracies: run -> per-seed test accuracy, or ('diverged', epoch)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["seeds"] = seeds
+    params["runs"] = {"final": {}, "blocks-2": {"blocks": 2}, "sgd": {"optimizer": "sgd"}}
+    params["studies"] = {
+        "blocks": {"final": "1 block", "blocks-2": "2 blocks"},
+        "optimizer": {"final": "Adam", "sgd": "SGD"},
+        "final": {"final": "final model"},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for run, values in accuracies.items():
+        for seed, value in zip(seeds, values, strict=True):
+            if isinstance(value, tuple):
+                fake_run(tmp_path / "runs", run, seed, None, diverged_at=value[1])
+            else:
+                fake_run(tmp_path / "runs", run, seed, value)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.report", "--params", str(tmp_path / "params.yaml"),
+         "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "results")],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return tmp_path / "results"
+
+
+def table_row(report: str, label: str, study: str) -> str:
+    section = report.split(f"## Study: {study}")[1].split("## ")[0]
+    return next(line for line in section.splitlines() if line.startswith(f"| {label}"))
+
+
+def test_single_seed_tables_published_values_and_diverged_run(tmp_path):
+    results = make_report(
+        tmp_path, {"final": [0.90], "blocks-2": [0.88], "sgd": [("diverged", 7)]}, seeds=[0]
+    )
+    report = (results / "report.md").read_text()
+    assert table_row(report, "1 block", "blocks") == (
+        "| 1 block | 3 | 0.830 | 0.900 | 0.333 | 0.904 / 0.884 / 0.158 | +0.016 |"
+    )
+    assert "| SGD | - | diverged at epoch 7 | - | - | failed to produce a stable model | - |" in (
+        report
+    )
+    assert "Diverged here: SGD." in report
+    assert "with one seed per run the spread is unknown" in report
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert metrics["final"]["test_accuracy"] == 0.9
+    assert "test_accuracy_std" not in metrics["final"]
+    assert metrics["sgd"] == {"seeds": 1, "diverged": 1}
+
+
+def test_multi_seed_mean_std_and_the_spread_rule(tmp_path):
+    results = make_report(
+        tmp_path,
+        {
+            "final": [0.900, 0.902, 0.904],  # mean 0.902, std 0.002
+            "blocks-2": [0.850, 0.852, 0.854],  # far below: a real difference
+            "sgd": [0.899, 0.903, 0.901],  # within the spread of final
+        },
+        seeds=[0, 1, 2],
+    )
+    report = (results / "report.md").read_text()
+    assert "| 0.902 ± 0.002 |" in table_row(report, "1 block", "blocks")
+    assert "Holds: 1 block beats 2 blocks beyond the spread" in report
+    assert "Not supported: Adam is ahead of SGD only within the seed-to-seed spread" in report
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert metrics["blocks-2"]["test_accuracy"] == pytest.approx(0.852)
+    assert metrics["blocks-2"]["test_accuracy_std"] == pytest.approx(0.002)
+
+
+def test_a_claim_that_does_not_hold_is_said_so(tmp_path):
+    results = make_report(
+        tmp_path,
+        {"final": [0.85, 0.851], "blocks-2": [0.90, 0.901], "sgd": [0.80, ("diverged", 2)]},
+        seeds=[0, 1],
+    )
+    report = (results / "report.md").read_text()
+    assert "**Does not hold here**: 2 blocks has the best test accuracy (beyond" in report
+    assert "| SGD (1 of 2 seeds diverged) |" in report
+
+
+def test_figures_are_real_pngs(tmp_path):
+    results = make_report(tmp_path, {"final": [0.9], "blocks-2": [0.8], "sgd": [0.7]}, seeds=[0])
+    names = {p.name for p in (results / "figures").iterdir()}
+    assert names == {"blocks.png", "optimizer.png", "final.png", "confusion_final.png"}
+    for png in (results / "figures").iterdir():
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 20_000, png
+    report = (results / "report.md").read_text()
+    assert "![blocks](figures/blocks.png)" in report
+
+
+def test_missing_run_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(AssertionError, match=r"summary\.json is missing"):
+        make_report(tmp_path, {"final": [0.9], "blocks-2": [0.8]}, seeds=[0])
