@@ -5,72 +5,13 @@ One module-scoped project is built and reproduced once; the tests then act on it
 """
 
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+from pipeline_helpers import make_project, run, stages_run
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.pipeline
-GIT_IDENTITY = {  # `dvc exp run` commits; a bare CI machine may have no git identity
-    "GIT_AUTHOR_NAME": "test",
-    "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "test",
-    "GIT_COMMITTER_EMAIL": "test@example.invalid",
-}
-
-TINY = {
-    "epochs": 1,
-    "batch_size": 128,
-    "train_limit": 512,
-    "val_size": 256,
-    "test_limit": 256,
-    "runs": {"final": {}, "blocks-2": {"blocks": 2}, "radam": {"optimizer": "radam"}},
-    "studies": {
-        "blocks": {"final": "1 block", "blocks-2": "2 blocks"},
-        "optimizer": {"final": "Adam", "radam": "RAdam"},
-        "final": {"final": "final model"},
-    },
-}
-
-
-def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **GIT_IDENTITY}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def make_project(tmp: Path, shared_data: Path, **params) -> Path:
-    """A copy of the tracked project files with tiny params, as a fresh git + DVC repo."""
-    project = tmp / "project"
-    files = subprocess.run(
-        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, project / name)
-    values = yaml.safe_load((project / "params.yaml").read_text())
-    values.update(TINY, **params)
-    values["fetch"]["sources"] = [str(shared_data)]
-    (project / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
-    run(project, "git", "init", "-q")
-    run(project, "git", "add", "-A")
-    run(project, "git", "commit", "-qm", "tiny")
-    return project
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +113,87 @@ def test_two_queued_experiments_run_in_parallel(project):
         for exp in exp["revs"][:1]
     ]
     assert {0.02, 0.005} <= set(lrs)
+
+
+BAD_SET_PARAMS = [  # (-S value, what the one-line error must name)
+    ("optimizer=adamw", "optimizer='adamw' is not allowed; choose one of: adam, radam, sgd"),
+    ("init=he", "init='he' is not allowed"),
+    ("scheduler=cosine", "scheduler='cosine' is not allowed"),
+    ("epochs=0", "epochs=0 must be an integer >= 1"),
+    ("batch_size=-5", "batch_size=-5 must be an integer >= 1"),
+    ("lr=0", "lr=0 must be in (0.0, inf)"),
+    ("lr=fast", "lr='fast' must be a number"),
+    ("blocks=0", "blocks=0 must be an integer >= 1"),
+    ("momentum=1.5", "momentum=1.5 must be in [0.0, 1.0)"),
+    ("split_seed=-1", "split_seed=-1 must be an integer >= 0"),
+    ("train_limit=0", "train_limit=0 must be an integer >= 1"),
+    ("models.report.patch_size=5", "patch_size=5 does not divide the 28-pixel image"),
+    ("models.report.activation=tanh", "activation='tanh' is not allowed; choose one of: relu"),
+    ("models.report.dropout=2", "dropout=2 must be in [0.0, 1.0)"),
+    (
+        "models.report.token_mlp=[80,60,40]",
+        "token_mlp=[80, 60, 40] must be [hidden, out] or a list",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_SET_PARAMS)
+def test_bad_set_param_is_one_clear_line_and_trains_nothing(project, override, message):
+    lock = (project / "dvc.lock").read_text()
+    proc = run(project, "dvc", "exp", "run", "-S", override, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], output
+    assert stages_run(output) == {"configure"}
+    assert (project / "dvc.lock").read_text() == lock
+    run(project, "git", "checkout", "-q", "--", "params.yaml")
+    assert run(project, "dvc", "status", "configure").stdout.strip().endswith("up to date.")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("optimiser: adam\n", "unknown key 'optimiser' in params.yaml (did you mean 'optimizer'?)"),
+        ("epochs: [1\n", "unable to read: 'params.yaml'"),  # DVC reads it first
+    ],
+)
+def test_bad_params_file_is_one_clear_line_and_trains_nothing(project, edit, message):
+    params = project / "params.yaml"
+    original = params.read_text()
+    lock = (project / "dvc.lock").read_text()
+    try:
+        params.write_text(original + edit)
+        proc = run(project, "dvc", "repro", check=False)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert (len(errors) == 1 and message in errors[0]) or message in output, output
+        assert not any(s.startswith("train@") for s in stages_run(output))
+        assert (project / "dvc.lock").read_text() == lock
+    finally:
+        params.write_text(original)
+
+
+def test_results_are_shared_through_a_remote_and_the_run_cache(project, tmp_path):
+    """Machine A trains and pushes; machine B (another clone) pulls and trains nothing."""
+    run(project, "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    run(project, "git", "commit", "-qam", "a shared DVC remote")
+    run(project, "dvc", "push")  # the committed results
+    run(project, "dvc", "exp", "run", "-S", "lr=0.003", "--name", "trained-on-a")
+    metrics_a = (project / "results" / "metrics.json").read_text()
+    run(project, "dvc", "push", "--run-cache")  # the experiment's outputs and run records
+
+    clone = tmp_path / "machine-b"
+    run(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    run(clone, "dvc", "pull", "--run-cache")
+    repro = run(clone, "dvc", "repro")
+    assert stages_run(repro.stdout) == set()  # the committed results came from the remote
+
+    # --pull: fetch the outputs that a matching run-cache record points to, instead of training
+    exp = run(clone, "dvc", "exp", "run", "--pull", "-S", "lr=0.003")
+    trained = {s for s in stages_run(exp.stdout) if s.startswith(("train@", "evaluate@"))}
+    assert trained == set(), exp.stdout
+    assert "is cached - skipping run" in exp.stdout
+    assert (clone / "results" / "metrics.json").read_text() == metrics_a
+    run(project, "git", "checkout", "-q", "--", ".")
