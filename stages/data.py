@@ -61,6 +61,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def head(self, n: int) -> "Split":
+        return Split(self.images[:n], self.labels[:n])
+
     def to(self, device: torch.device) -> "Split":
         return Split(self.images.to(device), self.labels.to(device))
 
@@ -103,7 +106,7 @@ def load_dataset(
     if train_limit is not None:
         train_idx = train_idx[:train_limit]
     if test_limit is not None:
-        test = Split(test.images[:test_limit], test.labels[:test_limit])
+        test = test.head(test_limit)
 
     def pick(idx: torch.Tensor) -> Split:
         return Split(full_train.images[idx], full_train.labels[idx])

@@ -8,12 +8,12 @@ the report's curves only; nothing in training looks at it.
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from dvclive import Live
 from torch import nn
 from tqdm import tqdm
 
@@ -92,11 +92,21 @@ class EpochResult:
     accuracy: float
 
 
-def train_epoch(model, optimizer, split: Split, batch_size: int, shuffle: torch.Generator, bar):
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    split: Split,
+    batch_size: int,
+    shuffle: torch.Generator,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> EpochResult:
+    """One pass over `split` in shuffled batches; the running loss and accuracy stay on the
+    device until the end, so the loop never waits for it (unless `on_step` reads the loss)."""
     model.train()
-    order = torch.randperm(len(split), generator=shuffle).to(split.labels.device)
-    loss_sum = torch.zeros((), device=split.labels.device)
-    correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
+    device = split.labels.device
+    order = torch.randperm(len(split), generator=shuffle).to(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for step, start in enumerate(range(0, len(split), batch_size)):
         idx = order[start : start + batch_size]
         images, labels = split.images[idx], split.labels[idx]
@@ -107,9 +117,8 @@ def train_epoch(model, optimizer, split: Split, batch_size: int, shuffle: torch.
         optimizer.step()
         loss_sum += loss.detach() * len(idx)
         correct += (logits.detach().argmax(1) == labels).sum()
-        bar.update(1)
-        if step % PROGRESS_EVERY == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if on_step is not None:
+            on_step(step, loss)
     return EpochResult(loss_sum.item() / len(split), correct.item() / len(split))
 
 
@@ -128,7 +137,7 @@ def _load_checkpoint(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return state
 
 
-def _log_epoch(live: Live, record: dict[str, float]) -> None:
+def _log_epoch(live, record: dict[str, float]) -> None:
     live.step = record["epoch"]  # the curves' x axis is the epoch number, from 1
     for name, value in record.items():
         if name != "epoch":
@@ -147,6 +156,10 @@ def fit(
     label: str = "train",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train one run; resume from `checkpoint` if it holds completed epochs of this same run."""
+    # Imported here so that the step functions above import without dvclive (the GPU benchmark
+    # machine has torch but no dvclive).
+    from dvclive import Live
+
     model = build_model(cfg, seed).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     scheduler = make_scheduler(cfg, optimizer)
@@ -175,11 +188,17 @@ def fit(
 
     steps = math.ceil(len(train) / cfg.batch_size)
     with tqdm(total=cfg.epochs * steps, initial=len(history) * steps, desc=label) as bar:
+
+        def progress(step: int, loss: torch.Tensor) -> None:
+            bar.update(1)
+            if step % PROGRESS_EVERY == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+
         for epoch in range(len(history) + 1, cfg.epochs + 1):
             bar.set_description(f"{label} epoch {epoch}/{cfg.epochs}")
             started = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            result = train_epoch(model, optimizer, train, cfg.batch_size, shuffle, bar)
+            result = train_epoch(model, optimizer, train, cfg.batch_size, shuffle, progress)
             if not math.isfinite(result.loss):
                 diverged_epoch = epoch
                 print(

@@ -1,0 +1,163 @@
+"""Seconds per training epoch of the report model, three ways, in one process and one run.
+
+  (a) seed-style: torchvision DataLoader + ToTensor, per-batch transfer, `.item()` every step,
+      as the report's notebook trained;
+  (b) plain eager loop over in-memory tensors, `.item()` every step;
+  (c) the project's path: `stages.training.train_epoch` (data on the device, no per-step sync).
+
+Also measures the machine's fp32 matrix-multiply peak (2048x2048 `torch.mm`) and prints
+achieved GFLOP/s (the model's Linear-layer FLOPs, forward + backward = 3x forward) and ratios.
+Each path runs `--steps` optimizer steps after `--warmup` steps; an epoch is extrapolated from
+them (60,000 images / batch) and labelled so. Needs only torch, torchvision and pyyaml.
+
+    python benchmarks/bench_speed.py                  # CPU
+    python benchmarks/bench_speed.py --device cuda    # GPU, if present
+"""
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torchvision import datasets, transforms
+
+from stages.config import resolve_run
+from stages.data import load_dataset
+from stages.model import forward_flops
+from stages.training import build_model, make_optimizer, train_epoch
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCH_IMAGES = 60_000
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def seed_style(cfg, root: Path, device, steps: int, warmup: int) -> float:
+    """(a): seconds for `steps` steps of a DataLoader loop, as the notebook trained."""
+    dataset = datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor())
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=2, persistent_workers=True
+    )
+    model = build_model(cfg, seed=0).to(device)
+    optimizer = make_optimizer(cfg, model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    running_loss, correct, start = 0.0, 0, None
+    for step, (images, labels) in enumerate(loader):
+        if step == warmup:
+            sync(device)
+            start = time.perf_counter()
+        if step == warmup + steps:
+            break
+        images, labels = images.to(device), labels.to(device)
+        optimizer.zero_grad()
+        logits = model(images)
+        loss = loss_fn(logits, labels)
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item()
+        correct += (logits.argmax(1) == labels).sum().item()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def plain_eager(cfg, images, labels, device, steps: int, warmup: int) -> float:
+    """(b): in-memory tensors, a per-step `.item()` for the running loss."""
+    model = build_model(cfg, seed=0).to(device)
+    optimizer = make_optimizer(cfg, model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    order = torch.randperm(len(labels), device=device)
+    running_loss = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync(device)
+            start = time.perf_counter()
+        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        optimizer.zero_grad()
+        loss = loss_fn(model(images[idx]), labels[idx])
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def project_path(cfg, train, device, steps: int, warmup: int) -> float:
+    """(c): the project's `train_epoch`, on a slice of exactly warmup + steps batches."""
+    model = build_model(cfg, seed=0).to(device)
+    optimizer = make_optimizer(cfg, model.parameters())
+    shuffle = torch.Generator().manual_seed(0)
+    n = cfg.batch_size
+    train_epoch(model, optimizer, train.head(warmup * n), n, shuffle)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    train_epoch(model, optimizer, train.head(steps * n), n, shuffle)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "fashion-mnist")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    cfg = resolve_run(params, "final")
+    data = load_dataset(args.data, val_size=cfg.val_size, split_seed=cfg.split_seed)
+    train = data.train.to(device)
+    steps_per_epoch = EPOCH_IMAGES / cfg.batch_size
+    flops_per_step = 3 * forward_flops(cfg.model) * cfg.batch_size
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+    )
+    peak = matmul_peak(device)
+    print(f"fp32 matmul peak (2048x2048 torch.mm): {peak:.1f} GFLOP/s")
+    print(
+        f"report model: {flops_per_step * steps_per_epoch / 1e12:.2f} TFLOP per epoch; "
+        f"{args.steps} timed steps of batch {cfg.batch_size} per path, "
+        f"epoch = {steps_per_epoch:.1f} steps (extrapolated)"
+    )
+    results = {
+        "(a) seed-style DataLoader loop": seed_style(cfg, args.data, device, args.steps,
+                                                     args.warmup),
+        "(b) plain eager, in-memory": plain_eager(cfg, train.images, train.labels, device,
+                                                  args.steps, args.warmup),
+        "(c) project path": project_path(cfg, train, device, args.steps, args.warmup),
+    }  # fmt: skip
+    base = results["(a) seed-style DataLoader loop"]
+    for name, seconds in results.items():
+        epoch = seconds / args.steps * steps_per_epoch
+        gflops = flops_per_step * args.steps / seconds / 1e9
+        print(
+            f"{name:34s} {epoch:7.1f} s/epoch (extrapolated)  {gflops:6.1f} GFLOP/s "
+            f"({gflops / peak:5.1%} of peak)  {base / seconds:4.2f}x vs (a)"
+        )
+
+
+if __name__ == "__main__":
+    main()
