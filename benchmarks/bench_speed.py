@@ -12,6 +12,10 @@ them (60,000 images / batch) and labelled so. Needs only torch, torchvision and 
 
     python benchmarks/bench_speed.py                  # CPU
     python benchmarks/bench_speed.py --device cuda    # GPU, if present
+    python benchmarks/bench_speed.py --device cuda --grid   # + every run of params.yaml, whole
+
+`--grid` trains every run of params.yaml for its full epochs with the project's loop (no
+dvclive, no checkpoints) and prints each run's wall time and test accuracy.
 """
 
 import argparse
@@ -27,7 +31,7 @@ from torchvision import datasets, transforms
 from stages.config import resolve_run
 from stages.data import load_dataset
 from stages.model import forward_flops
-from stages.training import build_model, make_optimizer, train_epoch
+from stages.training import build_model, fit, make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 60_000
@@ -120,6 +124,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--grid", action="store_true", help="also time every run, whole")
+    parser.add_argument("--epochs", type=int, help="with --grid: override the epochs")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -157,6 +163,29 @@ def main() -> None:
             f"{name:34s} {epoch:7.1f} s/epoch (extrapolated)  {gflops:6.1f} GFLOP/s "
             f"({gflops / peak:5.1%} of peak)  {base / seconds:4.2f}x vs (a)"
         )
+    if args.grid:
+        time_grid(params, data, device, args.epochs)
+
+
+def time_grid(params: dict, data, device: torch.device, epochs: int | None) -> None:
+    """Every run of params.yaml, trained whole by `stages.training.fit`, timed."""
+    total = 0.0
+    for run in params["runs"]:
+        changes = dict(params["runs"][run] or {})
+        if epochs is not None:
+            changes["epochs"] = epochs
+        cfg = resolve_run({**params, "runs": {run: changes}}, run)
+        sync(device)
+        start = time.perf_counter()
+        _, summary = fit(
+            cfg, data, seed=0, live_dir=None, checkpoint=None, device=device, label=run
+        )
+        sync(device)
+        seconds = time.perf_counter() - start
+        total += seconds
+        accuracy = summary["final"]["test/accuracy"] if summary["final"] else float("nan")
+        print(f"grid: {run:14s} {cfg.epochs} epochs in {seconds:7.1f} s, test acc {accuracy:.4f}")
+    print(f"grid: all {len(params['runs'])} runs in {total:.1f} s")
 
 
 if __name__ == "__main__":

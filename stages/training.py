@@ -137,6 +137,18 @@ def _load_checkpoint(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return state
 
 
+def _open_live(live_dir: Path, history: list[dict[str, float]]):
+    """A fresh dvclive folder holding the curves of the epochs already done (on a resume)."""
+    # Imported here so that this module imports without dvclive (the GPU benchmark machine has
+    # torch but no dvclive).
+    from dvclive import Live
+
+    live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    for record in history:
+        _log_epoch(live, record)
+    return live
+
+
 def _log_epoch(live, record: dict[str, float]) -> None:
     live.step = record["epoch"]  # the curves' x axis is the epoch number, from 1
     for name, value in record.items():
@@ -150,16 +162,16 @@ def fit(
     data: Dataset,
     *,
     seed: int,
-    live_dir: Path,
-    checkpoint: Path,
+    live_dir: Path | None,
+    checkpoint: Path | None,
     device: torch.device,
     label: str = "train",
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train one run; resume from `checkpoint` if it holds completed epochs of this same run."""
-    # Imported here so that the step functions above import without dvclive (the GPU benchmark
-    # machine has torch but no dvclive).
-    from dvclive import Live
+    """Train one run; resume from `checkpoint` if it holds completed epochs of this same run.
 
+    `live_dir=None` logs no dvclive curves and `checkpoint=None` keeps no checkpoint: the
+    benchmark times the bare loop that way.
+    """
     model = build_model(cfg, seed).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     scheduler = make_scheduler(cfg, optimizer)
@@ -169,7 +181,7 @@ def fit(
     diverged_epoch = None
 
     key = {"config": cfg.to_dict(), "seed": seed, "code": code_version()}
-    state = _load_checkpoint(checkpoint, key)
+    state = _load_checkpoint(checkpoint, key) if checkpoint is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -182,9 +194,7 @@ def fit(
         history = state["history"]
         print(f"{label}: resuming after epoch {len(history)} from {checkpoint}")
 
-    live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
-    for record in history:  # rebuild the curves of resumed epochs from the checkpoint
-        _log_epoch(live, record)
+    live = _open_live(live_dir, history) if live_dir is not None else None
 
     steps = math.ceil(len(train) / cfg.batch_size)
     with tqdm(total=cfg.epochs * steps, initial=len(history) * steps, desc=label) as bar:
@@ -222,12 +232,15 @@ def fit(
                 "epoch_seconds": train_time,
             }
             history.append(record)
-            _log_epoch(live, record)
+            if live is not None:
+                _log_epoch(live, record)
             tqdm.write(
                 f"{label} epoch {epoch}: train loss {result.loss:.4f} acc {result.accuracy:.4f}"
                 f" | val acc {val_accuracy:.4f} | test acc {test_accuracy:.4f}"
                 f" | lr {lr:.2g} | {train_time:.1f} s"
             )
+            if checkpoint is None:
+                continue
             _save_checkpoint(
                 checkpoint,
                 {
@@ -241,7 +254,8 @@ def fit(
                     "history": history,
                 },
             )
-    live.end()
+    if live is not None:
+        live.end()
 
     summary = {
         "epochs_completed": len(history),
