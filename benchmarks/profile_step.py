@@ -1,0 +1,54 @@
+"""Where a training step of the report model spends its time: torch.profiler's table.
+
+python benchmarks/profile_step.py [--device cuda] [--steps 10]
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from stages.config import resolve_run
+from stages.training import build_model, make_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=15)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    cfg = resolve_run(yaml.safe_load((REPO / "params.yaml").read_text()), "final")
+    model = build_model(cfg, seed=0).to(device)
+    optimizer = make_optimizer(cfg, model.parameters())
+    images = torch.rand(cfg.batch_size, 1, 28, 28, device=device)
+    labels = torch.randint(0, 10, (cfg.batch_size,), device=device)
+
+    def step() -> None:
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"{args.steps} steps, batch {cfg.batch_size}, {torch.get_num_threads()} threads")
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=40))
+
+
+if __name__ == "__main__":
+    main()
