@@ -197,7 +197,14 @@ def fit(
     live = _open_live(live_dir, history) if live_dir is not None else None
 
     steps = math.ceil(len(train) / cfg.batch_size)
-    with tqdm(total=cfg.epochs * steps, initial=len(history) * steps, desc=label) as bar:
+    bar = tqdm(
+        total=cfg.epochs * steps,
+        initial=len(history) * steps,
+        desc=label,
+        disable=None,  # no bar when the output is not a terminal (CI logs); epoch lines remain
+        mininterval=1.0,
+    )
+    with bar:
 
         def progress(step: int, loss: torch.Tensor) -> None:
             bar.update(1)
