@@ -104,18 +104,26 @@ def plain_eager(cfg, images, labels, device, steps: int, warmup: int) -> float:
     return time.perf_counter() - start
 
 
-def project_path(cfg, train, device, steps: int, warmup: int) -> float:
-    """(c): the project's `train_epoch`, on a slice of exactly warmup + steps batches."""
+def project_path(cfg, train, device, steps: int, warmup: int, compiled: bool = False):
+    """(c): the project's `train_epoch`, on a slice of exactly warmup + steps batches.
+
+    With `compiled`, the model runs under `torch.compile`; the warm-up (which compiles) is
+    timed and returned too, so the compile cost is reported, not hidden.
+    """
     model = build_model(cfg, seed=0).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
+    step_model = torch.compile(model) if compiled else model
     shuffle = torch.Generator().manual_seed(0)
     n = cfg.batch_size
-    train_epoch(model, optimizer, train.head(warmup * n), n, shuffle)  # warm-up
     sync(device)
     start = time.perf_counter()
-    train_epoch(model, optimizer, train.head(steps * n), n, shuffle)
+    train_epoch(step_model, optimizer, train.head(warmup * n), n, shuffle)  # warm-up
     sync(device)
-    return time.perf_counter() - start
+    warmup_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    train_epoch(step_model, optimizer, train.head(steps * n), n, shuffle)
+    sync(device)
+    return time.perf_counter() - start, warmup_seconds
 
 
 def main() -> None:
@@ -124,6 +132,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time (c) compiled")
     parser.add_argument("--grid", action="store_true", help="also time every run, whole")
     parser.add_argument("--epochs", type=int, help="with --grid: override the epochs")
     args = parser.parse_args()
@@ -153,8 +162,14 @@ def main() -> None:
                                                      args.warmup),
         "(b) plain eager, in-memory": plain_eager(cfg, train.images, train.labels, device,
                                                   args.steps, args.warmup),
-        "(c) project path": project_path(cfg, train, device, args.steps, args.warmup),
+        "(c) project path": project_path(cfg, train, device, args.steps, args.warmup)[0],
     }  # fmt: skip
+    if args.compile:
+        seconds, warmup_seconds = project_path(
+            cfg, train, device, args.steps, args.warmup, compiled=True
+        )
+        results["(d) (c) under torch.compile"] = seconds
+        print(f"(d) compile + {args.warmup} warm-up steps took {warmup_seconds:.1f} s")
     base = results["(a) seed-style DataLoader loop"]
     for name, seconds in results.items():
         epoch = seconds / args.steps * steps_per_epoch

@@ -113,10 +113,16 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=Path("data/fashion-mnist"))
     parser.add_argument("--record", type=Path, default=Path("data/fetch.json"))
+    parser.add_argument(
+        "--source", action="append", help="a folder or URL to try instead of fetch.sources"
+    )
     args = parser.parse_args()
 
-    params = yaml.safe_load(args.params.read_text()) or {}
-    sources = (params.get("fetch") or {}).get("sources")
+    if args.source:
+        sources = args.source
+    else:
+        params = yaml.safe_load(args.params.read_text()) or {}
+        sources = (params.get("fetch") or {}).get("sources")
     if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
         raise UserError(f"fetch.sources in {args.params} must be a list of folders or URLs")
     args.out.parent.mkdir(parents=True, exist_ok=True)
