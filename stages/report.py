@@ -136,11 +136,22 @@ def verdict(claim: dict[str, Any], members: dict[str, str], results: dict[str, R
     best, claimed = ranked[0], claim["best"]
     if best != claimed:
         real = differs(scores[best], scores[claimed])
-        strength = {True: "beyond", False: "within", None: "with one seed, no"}[real]
-        return (
-            f"Report: {claim['claim']}. **Does not hold here**: {members[best]} has the best "
-            f"test accuracy ({strength} seed-to-seed spread).{notes}"
-        )
+        if real is None:
+            judgement = (
+                f"Not confirmed here: {members[best]} has the best test accuracy, but with one "
+                "seed per run the spread is unknown"
+            )
+        elif real:
+            judgement = (
+                f"**Does not hold here**: {members[best]} has the best test accuracy, beyond "
+                "the seed-to-seed spread"
+            )
+        else:
+            judgement = (
+                f"Not supported: {members[best]} is ahead of {members[claimed]}, within the "
+                "seed-to-seed spread"
+            )
+        return f"Report: {claim['claim']}. {judgement}.{notes}"
     runner_up = ranked[1] if len(ranked) > 1 else None
     if runner_up is None:
         return f"Report: {claim['claim']}. Holds: every other run diverged.{notes}"
