@@ -1,11 +1,12 @@
-"""Faults on a tiny real pipeline: Ctrl-C during `dvc repro`, a corrupted data file.
+"""Faults on a tiny real pipeline: Ctrl-C or kill -9 during `dvc repro`, a corrupted data
+file, a diverging run inside the grid.
 
-(kill -9 and resume: tests/test_training.py; bad params: tests/test_pipeline.py and
-tests/test_config.py; divergence: tests/test_training.py and tests/test_report.py; two queued
-experiments at once: tests/test_pipeline.py.)
+(Bitwise-equal resume after kill -9: tests/test_training.py; bad params: tests/test_pipeline.py
+and tests/test_config.py; two queued experiments at once: tests/test_pipeline.py.)
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,22 +33,29 @@ def project(tmp_path, shared_data) -> Path:
     return make_project(tmp_path, shared_data, **ONE_RUN)
 
 
+def default_sigint() -> None:
+    """As in a terminal: a runner started in the background (`cmd &`) inherits SIGINT ignored,
+    and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def temp_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*.tmp")] + [p for p in root.rglob(".*.old")]
 
 
-def test_ctrl_c_during_repro_leaves_nothing_trusted_and_the_next_repro_completes(project):
-    """SIGINT to the whole process group, as Ctrl-C in a terminal sends it."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_interrupted_repro_leaves_nothing_trusted_and_the_next_repro_resumes(project, sig):
+    """SIGINT to the whole process group, as Ctrl-C in a terminal sends it; or SIGKILL to it."""
     checkpoint = project / "checkpoints" / "final-0.pt"
     repro = subprocess.Popen(
         ["dvc", "repro"], cwd=project, env=env(), start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=default_sigint, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and time.monotonic() < deadline and repro.poll() is None:
         time.sleep(0.05)
     assert repro.poll() is None, "dvc repro ended before the first epoch's checkpoint"
-    os.killpg(repro.pid, signal.SIGINT)
+    os.killpg(repro.pid, sig)
     output, _ = repro.communicate(timeout=120)
     assert repro.returncode != 0, output
 
@@ -86,3 +94,18 @@ def test_a_flipped_byte_in_the_data_is_refused_then_restored_by_fetch(project):
     repro = run(project, "dvc", "repro", "fetch")  # reruns fetch, or restores it from the cache
     assert "Stage 'fetch' is cached" in repro.stdout or stages_run(repro.stdout) == {"fetch"}
     assert md5_hex(victim.read_bytes()) == RAW_MD5["t10k-labels-idx1-ubyte"]
+
+
+def test_a_diverging_run_is_recorded_and_the_grid_completes(tmp_path, shared_data):
+    project = make_project(
+        tmp_path,
+        shared_data,
+        epochs=2,
+        runs={"final": {}, "sgd": {"optimizer": "sgd", "lr": 1.0e6}},
+        studies={"optimizer": {"final": "Adam", "sgd": "SGD"}},
+    )
+    repro = run(project, "dvc", "repro")  # exits 0: the divergence is data, not a crash
+    assert {"train@sgd-0", "evaluate@sgd-0", "report"} <= stages_run(repro.stdout)
+    report = (project / "results" / "report.md").read_text()
+    assert re.search(r"\| SGD \| - \| diverged at epoch \d+ \|", report), report
+    assert "Diverged here: SGD." in report
