@@ -9,7 +9,10 @@ into a `RunConfig`; every check on user input lives in this module.
 import difflib
 import re
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from stages.errors import UserError
 
@@ -92,6 +95,18 @@ RUN_KEYS = ("model", "blocks") + tuple(
 )
 MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
 OTHER_TOP_KEYS = ("models", "runs", "studies", "seeds", "fetch")
+
+
+def load_params(path: Path) -> dict:
+    try:
+        params = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{path} must hold a mapping of keys to values")
+    return params
 
 
 def _unknown(key: str, where: str, allowed: tuple[str, ...]) -> UserError:

@@ -10,23 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
-
 from stages import config
-from stages.errors import UserError, run_cli
+from stages.errors import run_cli
 from stages.files import make_temp_dir, replace_dir
-
-
-def load_params(path: Path) -> dict:
-    try:
-        params = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(params, dict):
-        raise UserError(f"{path} must hold a mapping of keys to values")
-    return params
 
 
 def resolve_all(params: dict) -> dict[str, config.RunConfig]:
@@ -43,7 +29,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("configs"))
     args = parser.parse_args()
 
-    configs = resolve_all(load_params(args.params))
+    configs = resolve_all(config.load_params(args.params))
     staging = make_temp_dir(args.out)
     try:
         for run, cfg in configs.items():

@@ -15,9 +15,9 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
+from stages.config import load_params
 from stages.data import RAW_MD5, md5_hex, raw_folder
 from stages.errors import UserError, run_cli
 from stages.files import make_temp_dir, replace_dir, write_json
@@ -121,7 +121,7 @@ def main() -> None:
     if args.source:
         sources = args.source
     else:
-        params = yaml.safe_load(args.params.read_text()) or {}
+        params = load_params(args.params)
         sources = (params.get("fetch") or {}).get("sources")
     if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
         raise UserError(f"fetch.sources in {args.params} must be a list of folders or URLs")

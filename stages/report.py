@@ -19,7 +19,6 @@ import matplotlib
 import yaml
 
 from stages import config
-from stages.configure import load_params
 from stages.data import CLASSES, class_key
 from stages.errors import UserError, run_cli
 from stages.files import atomic_write, write_json, write_text
@@ -280,7 +279,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
 
-    params = load_params(args.params)
+    params = config.load_params(args.params)
     seeds, studies = config.seeds(params), config.studies(params)
     published = yaml.safe_load(PUBLISHED.read_text())
     results = {run: load_run(args.runs, run, seeds) for run in config.run_names(params)}
