@@ -18,14 +18,18 @@ from stages.errors import UserError
 
 IMAGE_SIZE = 28
 CHOICES = {
-    "optimizer": ("adam", "radam", "sgd"),
+    "optimizer": ("adam", "radam", "sgd", "adamw"),
     "init": ("xavier_uniform", "normal", "kaiming_uniform", "default"),
-    "scheduler": ("plateau", "none"),
+    "scheduler": ("plateau", "cosine", "none"),
     "plateau_metric": ("val_loss", "val_accuracy"),
     "plateau_mode": ("min", "max"),
     "activation": ("relu", "gelu"),
-    "norm": ("batch", "none"),
+    "block": ("report", "pre_norm"),
+    "precision": ("fp32", "bf16"),
 }
+# Normalisations each block design supports: the notebook's block used BatchNorm after each MLP,
+# the residual pre-norm block a LayerNorm before each.
+NORMS = {"report": ("batch", "none"), "pre_norm": ("layer", "none")}
 RUN_NAME = re.compile(r"^[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*$")
 
 
@@ -38,9 +42,11 @@ class ModelConfig:
     stem_hidden: int | None  # None: a linear stem; an int: a one-hidden-layer MLP stem
     token_mlp: tuple[tuple[int, int], ...]  # (hidden, out) widths of each block's token MLP
     channel_mlp: tuple[tuple[int, int], ...]  # (hidden, out) widths of each block's channel MLP
+    block: str  # report: the notebook's block; pre_norm: x + MLP(LayerNorm(x)), as in MLP-Mixer
     activation: str
     norm: str
     dropout: float
+    drop_path: float  # stochastic depth of the deepest pre_norm block; earlier ones scale down
 
     @property
     def blocks(self) -> int:
@@ -68,6 +74,12 @@ class RunConfig:
     plateau_mode: str
     plateau_factor: float
     plateau_patience: int
+    warmup_epochs: int  # cosine only: linear warm-up over this many epochs (or the whole run)
+    label_smoothing: float
+    crop_padding: int  # augmentation: random crop of the image padded by this many pixels (0: off)
+    hflip: bool  # augmentation: random horizontal flip
+    random_erasing: float  # augmentation: probability of erasing a random rectangle
+    precision: str  # fp32 | bf16: autocast of the forward pass
     epochs: int
     batch_size: int
     eval_batch_size: int
@@ -140,11 +152,16 @@ def _float(where: str, value: Any, *, low: float, high: float, closed: str = "[)
     return number
 
 
-def _choice(key: str, where: str, value: Any) -> str:
-    if value not in CHOICES[key]:
-        raise UserError(
-            f"{where}={value!r} is not allowed; choose one of: {', '.join(CHOICES[key])}"
-        )
+def _choice(key: str, where: str, value: Any, allowed: tuple[str, ...] | None = None) -> str:
+    allowed = CHOICES[key] if allowed is None else allowed
+    if value not in allowed:
+        raise UserError(f"{where}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    return value
+
+
+def _bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{where}={value!r} must be true or false")
     return value
 
 
@@ -189,16 +206,38 @@ def _model_config(name: str, preset: Any, blocks: int) -> ModelConfig:
             f"{where}.patch_size={patch} does not divide the {IMAGE_SIZE}-pixel image; "
             "allowed: 1, 2, 4, 7, 14, 28"
         )
-    return ModelConfig(
+    block = _choice("block", f"{where}.block", preset["block"])
+    cfg = ModelConfig(
         patch_size=patch,
         stem_width=_int(f"{where}.stem_width", preset["stem_width"]),
         stem_hidden=_optional_int(f"{where}.stem_hidden", preset["stem_hidden"]),
         token_mlp=_widths(f"{where}.token_mlp", preset["token_mlp"], blocks),
         channel_mlp=_widths(f"{where}.channel_mlp", preset["channel_mlp"], blocks),
+        block=block,
         activation=_choice("activation", f"{where}.activation", preset["activation"]),
-        norm=_choice("norm", f"{where}.norm", preset["norm"]),
+        norm=_choice("norm", f"{where}.norm (block={block})", preset["norm"], NORMS[block]),
         dropout=_float(f"{where}.dropout", preset["dropout"], low=0.0, high=1.0),
+        drop_path=_float(f"{where}.drop_path", preset["drop_path"], low=0.0, high=1.0),
     )
+    if block == "report":
+        if cfg.drop_path:
+            raise UserError(f"{where}.drop_path={cfg.drop_path} needs block=pre_norm (residual)")
+        return cfg
+    # A residual block adds its input to its output, so no block may change the widths.
+    for i, ((_, tokens_out), (_, channels_out)) in enumerate(
+        zip(cfg.token_mlp, cfg.channel_mlp, strict=True)
+    ):
+        if tokens_out != cfg.num_patches:
+            raise UserError(
+                f"{where}.token_mlp[{i}] outputs {tokens_out} tokens; a pre_norm block must keep "
+                f"all {cfg.num_patches} patches (out={cfg.num_patches})"
+            )
+        if channels_out != cfg.stem_width:
+            raise UserError(
+                f"{where}.channel_mlp[{i}] outputs {channels_out} channels; a pre_norm block must "
+                f"keep stem_width={cfg.stem_width} (out={cfg.stem_width})"
+            )
+    return cfg
 
 
 def build_config(values: dict[str, Any], where: str = "params.yaml") -> RunConfig:
@@ -236,6 +275,16 @@ def build_config(values: dict[str, Any], where: str = "params.yaml") -> RunConfi
             f"{where}: plateau_factor", v["plateau_factor"], low=0.0, high=1.0, closed="()"
         ),
         plateau_patience=_int(f"{where}: plateau_patience", v["plateau_patience"], minimum=0),
+        warmup_epochs=_int(f"{where}: warmup_epochs", v["warmup_epochs"], minimum=0),
+        label_smoothing=_float(
+            f"{where}: label_smoothing", v["label_smoothing"], low=0.0, high=1.0
+        ),
+        crop_padding=_int(f"{where}: crop_padding", v["crop_padding"], minimum=0),
+        hflip=_bool(f"{where}: hflip", v["hflip"]),
+        random_erasing=_float(
+            f"{where}: random_erasing", v["random_erasing"], low=0.0, high=1.0, closed="[]"
+        ),
+        precision=_choice("precision", f"{where}: precision", v["precision"]),
         epochs=_int(f"{where}: epochs", v["epochs"]),
         batch_size=_int(f"{where}: batch_size", v["batch_size"]),
         eval_batch_size=_int(f"{where}: eval_batch_size", v["eval_batch_size"]),
@@ -244,6 +293,7 @@ def build_config(values: dict[str, Any], where: str = "params.yaml") -> RunConfi
         train_limit=_optional_int(f"{where}: train_limit", v["train_limit"]),
         test_limit=_optional_int(f"{where}: test_limit", v["test_limit"]),
     )
+    return cfg
 
 
 def check_top_level(params: dict[str, Any]) -> None:

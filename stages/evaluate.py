@@ -44,7 +44,7 @@ def main() -> None:
         ).test.to(device)
         model = MixerClassifier(cfg.model).to(device)
         model.load_state_dict(saved["state_dict"])
-        logits = predict(model, test, cfg.eval_batch_size)
+        logits = predict(model, test, cfg)
         loss, accuracy = evaluate_logits(logits, test.labels)
         predicted = logits.argmax(1).cpu()
         labels = test.labels.cpu()

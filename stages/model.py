@@ -3,6 +3,10 @@
 Shapes follow the specification in the report: an image becomes X of shape (patches, features);
 a block computes O1 = g(X^T W1) W2 across patches, transposes back, then O2 = g(O1 W3) W4 across
 features. Widths may change inside a block, so a block's output need not match its input.
+
+`block: pre_norm` swaps in the residual block of MLP-Mixer (Tolstikhin et al., 2021):
+X + MLP(LayerNorm(X)^T)^T, then X + MLP(LayerNorm(X)), with a final LayerNorm and a mean over
+the patches instead of over the features.
 """
 
 import itertools
@@ -60,6 +64,42 @@ class MixerBlock(nn.Module):
         return self.channel_norm(self.channel_mixing(o1))  # (batch, tokens', channels')
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drop a residual branch for a random subset of the batch."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.p
+        return x * keep / (1.0 - self.p)
+
+
+class PreNormMixerBlock(nn.Module):
+    """A residual Mixer block: token mixing, then channel mixing, each on a normalised input."""
+
+    def __init__(
+        self, tokens: int, channels: int, token_hidden: int, channel_hidden: int, drop_path: float,
+        cfg: ModelConfig,
+    ):
+        super().__init__()
+        layer_norm = nn.LayerNorm if cfg.norm == "layer" else lambda _: nn.Identity()
+        self.token_norm = layer_norm(channels)
+        self.token_mixing = mlp(tokens, token_hidden, tokens, cfg.activation)
+        self.channel_norm = layer_norm(channels)
+        self.channel_mixing = mlp(channels, channel_hidden, channels, cfg.activation)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, tokens, channels)
+        mixed = self.token_mixing(self.token_norm(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.drop_path(self.dropout(mixed))
+        return x + self.drop_path(self.dropout(self.channel_mixing(self.channel_norm(x))))
+
+
 class MixerClassifier(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int = 10):
         super().__init__()
@@ -77,17 +117,32 @@ class MixerClassifier(nn.Module):
             )
         blocks = []
         tokens, channels = cfg.num_patches, cfg.stem_width
-        for token_mlp, channel_mlp in zip(cfg.token_mlp, cfg.channel_mlp, strict=True):
-            blocks.append(MixerBlock(tokens, channels, token_mlp, channel_mlp, cfg))
-            tokens, channels = token_mlp[1], channel_mlp[1]
+        if cfg.block == "report":
+            for token_mlp, channel_mlp in zip(cfg.token_mlp, cfg.channel_mlp, strict=True):
+                blocks.append(MixerBlock(tokens, channels, token_mlp, channel_mlp, cfg))
+                tokens, channels = token_mlp[1], channel_mlp[1]
+            self.head_norm = nn.Identity()
+            # The notebook averages over the last (feature) axis, one value per token row.
+            self.pool_dim, pooled = -1, tokens
+        else:
+            for i, ((token_hidden, _), (channel_hidden, _)) in enumerate(
+                zip(cfg.token_mlp, cfg.channel_mlp, strict=True)
+            ):
+                drop_path = cfg.drop_path * i / max(cfg.blocks - 1, 1)  # deeper: dropped more
+                blocks.append(
+                    PreNormMixerBlock(
+                        tokens, channels, token_hidden, channel_hidden, drop_path, cfg
+                    )
+                )
+            self.head_norm = nn.LayerNorm(channels) if cfg.norm == "layer" else nn.Identity()
+            self.pool_dim, pooled = 1, channels  # mean over the patches
         self.blocks = nn.Sequential(*blocks)
-        # The notebook averages over the last (feature) axis, leaving one value per token row.
-        self.classifier = nn.Linear(tokens, num_classes)
+        self.classifier = nn.Linear(pooled, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.stem(patchify(images, self.patch_size))  # (batch, patches, features)
-        x = self.blocks(x)
-        return self.classifier(x.mean(dim=-1))  # logits; softmax lives in the loss
+        x = self.head_norm(self.blocks(x))
+        return self.classifier(x.mean(dim=self.pool_dim))  # logits; softmax lives in the loss
 
 
 def init_weights(model: nn.Module, scheme: str, std: float) -> None:
@@ -129,7 +184,7 @@ def forward_flops(cfg: ModelConfig) -> int:
         flops += channels * (tokens * t_hidden + t_hidden * t_out)
         flops += t_out * (channels * c_hidden + c_hidden * c_out)
         tokens, channels = t_out, c_out
-    flops += tokens * 10
+    flops += (tokens if cfg.block == "report" else channels) * 10
     return 2 * flops
 
 

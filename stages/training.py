@@ -17,13 +17,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from stages.augment import augment, augments
 from stages.config import RunConfig
 from stages.data import Dataset, Split
 from stages.files import atomic_write
 from stages.model import MixerClassifier, init_weights
 
 # Source files whose change makes an old checkpoint unusable for resuming.
-CODE_FILES = ("config.py", "data.py", "model.py", "training.py")
+CODE_FILES = ("augment.py", "config.py", "data.py", "model.py", "training.py")
 PROGRESS_EVERY = 25  # steps between progress-bar loss updates (each one syncs the device)
 
 
@@ -51,6 +52,14 @@ def build_model(cfg: RunConfig, seed: int) -> MixerClassifier:
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        # Decoupled weight decay on the weight matrices only, not on biases and norm gains.
+        params = list(params)
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.lr)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "radam":
@@ -58,21 +67,43 @@ def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor: linear from 0 to 1 over the warm-up, then a cosine down to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """`plateau` steps once per epoch on a validation metric; `cosine` steps after every batch."""
     if cfg.scheduler == "none":
         return None
+    if cfg.scheduler == "cosine":
+        warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total)
+        )
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode=cfg.plateau_mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
     )
 
 
+def autocast(cfg: RunConfig, device: torch.device) -> torch.autocast:
+    """bf16 matrix multiplies where `precision: bf16` (tensor cores, or AMX on recent CPUs);
+    weights, optimizer state and reductions stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
 @torch.no_grad()
-def predict(model: nn.Module, split: Split, batch_size: int) -> torch.Tensor:
+def predict(model: nn.Module, split: Split, cfg: RunConfig) -> torch.Tensor:
     """Logits for a whole split, in eval mode (dropout off, BatchNorm running statistics)."""
     model.eval()
-    return torch.cat(
-        [model(split.images[i : i + batch_size]) for i in range(0, len(split), batch_size)]
-    )
+    n = cfg.eval_batch_size
+    with autocast(cfg, split.labels.device):
+        return torch.cat(
+            [model(split.images[i : i + n]).float() for i in range(0, len(split), n)]
+        )
 
 
 def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -82,8 +113,8 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
     return loss, accuracy
 
 
-def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
-    return evaluate_logits(predict(model, split, batch_size), split.labels)
+def evaluate(model: nn.Module, split: Split, cfg: RunConfig) -> tuple[float, float]:
+    return evaluate_logits(predict(model, split, cfg), split.labels)
 
 
 @dataclass
@@ -96,25 +127,34 @@ def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     split: Split,
-    batch_size: int,
+    cfg: RunConfig,
     shuffle: torch.Generator,
+    step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> EpochResult:
-    """One pass over `split` in shuffled batches; the running loss and accuracy stay on the
-    device until the end, so the loop never waits for it (unless `on_step` reads the loss)."""
+    """One pass over `split` in shuffled, augmented batches; `step_scheduler` (if any) steps
+    after every batch. The running loss and accuracy stay on the device until the end, so the
+    loop never waits for it (unless `on_step` reads the loss)."""
     model.train()
     device = split.labels.device
     order = torch.randperm(len(split), generator=shuffle).to(device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    for step, start in enumerate(range(0, len(split), batch_size)):
-        idx = order[start : start + batch_size]
+    for step, start in enumerate(range(0, len(split), cfg.batch_size)):
+        idx = order[start : start + cfg.batch_size]
         images, labels = split.images[idx], split.labels[idx]
-        logits = model(images)
-        loss = nn.functional.cross_entropy(logits, labels)
+        if augments(cfg):
+            images = augment(images, cfg)
+        with autocast(cfg, device):
+            logits = model(images)
+        loss = nn.functional.cross_entropy(
+            logits.float(), labels, label_smoothing=cfg.label_smoothing
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if step_scheduler is not None:
+            step_scheduler.step()
         loss_sum += loss.detach() * len(idx)
         correct += (logits.detach().argmax(1) == labels).sum()
         if on_step is not None:
@@ -174,7 +214,9 @@ def fit(
     """
     model = build_model(cfg, seed).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
-    scheduler = make_scheduler(cfg, optimizer)
+    steps = math.ceil(len(data.train) / cfg.batch_size)
+    scheduler = make_scheduler(cfg, optimizer, steps)
+    per_batch = scheduler if cfg.scheduler == "cosine" else None
     shuffle = torch.Generator().manual_seed(seed)
     train, val, test = (s.to(device) for s in (data.train, data.val, data.test))
     history: list[dict[str, float]] = []
@@ -196,7 +238,6 @@ def fit(
 
     live = _open_live(live_dir, history) if live_dir is not None else None
 
-    steps = math.ceil(len(train) / cfg.batch_size)
     bar = tqdm(
         total=cfg.epochs * steps,
         initial=len(history) * steps,
@@ -215,7 +256,7 @@ def fit(
             bar.set_description(f"{label} epoch {epoch}/{cfg.epochs}")
             started = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            result = train_epoch(model, optimizer, train, cfg.batch_size, shuffle, progress)
+            result = train_epoch(model, optimizer, train, cfg, shuffle, per_batch, progress)
             if not math.isfinite(result.loss):
                 diverged_epoch = epoch
                 print(
@@ -223,9 +264,9 @@ def fit(
                 )
                 break
             train_time = time.perf_counter() - started
-            val_loss, val_accuracy = evaluate(model, val, cfg.eval_batch_size)
-            test_loss, test_accuracy = evaluate(model, test, cfg.eval_batch_size)
-            if scheduler is not None:
+            val_loss, val_accuracy = evaluate(model, val, cfg)
+            test_loss, test_accuracy = evaluate(model, test, cfg)
+            if cfg.scheduler == "plateau":
                 scheduler.step(val_accuracy if cfg.plateau_metric == "val_accuracy" else val_loss)
             record = {
                 "epoch": epoch,

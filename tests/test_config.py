@@ -14,7 +14,7 @@ from stages.configure import resolve_all
 from stages.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = ["final", "blocks-2", "blocks-3", "radam", "sgd", "init-normal", "init-kaiming"]
+RUNS = ["final", "blocks-2", "blocks-3", "radam", "sgd", "init-normal", "init-kaiming", "mixer"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def write_params(path: Path, params: dict) -> Path:
 # ---------------------------------------------------------------- the repository's params.yaml
 
 
-def test_repo_params_resolve_to_seven_runs(repo_params):
+def test_repo_params_resolve_to_every_run(repo_params):
     configs = resolve_all(repo_params)
     assert list(configs) == RUNS
     assert all(isinstance(c, config.RunConfig) for c in configs.values())
@@ -140,9 +140,9 @@ def set_key(params: dict, path: str, value) -> None:
 
 BAD = [
     # (id, dotted key, value, substrings the message must contain)
-    ("optimizer", "optimizer", "adamw", ["optimizer", "'adamw'", "adam, radam, sgd"]),
+    ("optimizer", "optimizer", "adamax", ["optimizer", "'adamax'", "adam, radam, sgd, adamw"]),
     ("init", "init", "he", ["init", "'he'", "xavier_uniform, normal, kaiming_uniform, default"]),
-    ("scheduler", "scheduler", "cosine", ["scheduler", "'cosine'", "plateau, none"]),
+    ("scheduler", "scheduler", "step", ["scheduler", "'step'", "plateau, cosine, none"]),
     ("activation", "models.report.activation", "tanh", ["models.report.activation", "relu, gelu"]),
     ("norm", "models.report.norm", "layer", ["models.report.norm", "batch, none"]),
     ("plateau_mode", "plateau_mode", "up", ["plateau_mode", "min, max"]),
@@ -207,6 +207,37 @@ BAD = [
         ["studies.blocks", "'blocks-4'", "final, blocks-2"],
     ),
     ("runs-empty", "runs", {}, ["runs", "non-empty"]),
+    ("hflip-text", "hflip", "yes", ["hflip='yes'", "true or false"]),
+    ("random_erasing-above-1", "random_erasing", 1.5, ["random_erasing=1.5", "[0.0, 1.0]"]),
+    ("label_smoothing-1", "label_smoothing", 1.0, ["label_smoothing=1.0", "[0.0, 1.0)"]),
+    ("crop_padding-negative", "crop_padding", -2, ["crop_padding=-2", ">= 0"]),
+    ("warmup_epochs-negative", "warmup_epochs", -1, ["warmup_epochs=-1", ">= 0"]),
+    ("precision", "precision", "fp16", ["precision='fp16'", "fp32, bf16"]),
+    ("block", "models.report.block", "resnet", ["models.report.block", "report, pre_norm"]),
+    (
+        "pre_norm-with-batchnorm",
+        "models.mixer.norm",
+        "batch",
+        ["models.mixer.norm (block=pre_norm)='batch'", "layer, none"],
+    ),
+    (
+        "drop_path-on-report-block",
+        "models.report.drop_path",
+        0.1,
+        ["models.report.drop_path=0.1", "block=pre_norm"],
+    ),
+    (
+        "pre_norm-token-width",
+        "models.mixer.token_mlp",
+        [64, 32],
+        ["models.mixer.token_mlp[0] outputs 32 tokens", "out=49"],
+    ),
+    (
+        "pre_norm-channel-width",
+        "models.mixer.channel_mlp",
+        [256, 64],
+        ["models.mixer.channel_mlp[0] outputs 64 channels", "stem_width=128"],
+    ),
     ("run-bad-name", "runs.bad name", {}, ["'bad name'", "letters, digits"]),
 ]
 
@@ -305,7 +336,9 @@ def test_lr_as_yaml_text_is_accepted():
     params = yaml.safe_load(text)
     assert params["lr"] == "1e-3"
     configs = resolve_all(params)
-    assert all(c.lr == 0.001 and isinstance(c.lr, float) for c in configs.values())
+    inherit = [name for name, changes in params["runs"].items() if "lr" not in (changes or {})]
+    assert inherit
+    assert all(configs[n].lr == 0.001 and isinstance(configs[n].lr, float) for n in inherit)
 
 
 def test_numbers_given_as_ints_become_floats(params):
@@ -345,10 +378,10 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 
 def test_command_bad_params_exits_2_and_writes_nothing(tmp_path, params):
-    params["optimizer"] = "adamw"
+    params["optimizer"] = "adamax"
     out = tmp_path / "configs"
     proc = configure(write_params(tmp_path / "p.yaml", params), out)
-    assert_one_line_error(proc, "optimizer", "adamw")
+    assert_one_line_error(proc, "optimizer", "adamax")
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]  # no temporary folder left
 
@@ -357,7 +390,7 @@ def test_command_bad_params_leaves_existing_output_untouched(tmp_path, params):
     good = configure(write_params(tmp_path / "good.yaml", params), tmp_path / "configs")
     assert good.returncode == 0, good.stderr
     before = {p.name: p.read_bytes() for p in (tmp_path / "configs").iterdir()}
-    assert len(before) == 7
+    assert len(before) == len(RUNS)
 
     params["epochs"] = 0
     proc = configure(write_params(tmp_path / "bad.yaml", params), tmp_path / "configs")

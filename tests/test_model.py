@@ -342,7 +342,7 @@ def test_make_optimizer(params, name, kind, lr, momentum, weight_decay):
 def test_make_scheduler_plateau(params, mode, factor, patience):
     cfg = config(params, plateau_mode=mode, plateau_factor=factor, plateau_patience=patience)
     opt = make_optimizer(cfg, MixerClassifier(cfg.model).parameters())
-    sched = make_scheduler(cfg, opt)
+    sched = make_scheduler(cfg, opt, steps_per_epoch=10)
     assert isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
     assert sched.mode == mode
     assert sched.factor == factor
@@ -353,7 +353,7 @@ def test_make_scheduler_plateau(params, mode, factor, patience):
 def test_make_scheduler_none(params):
     cfg = config(params, scheduler="none")
     opt = make_optimizer(cfg, MixerClassifier(cfg.model).parameters())
-    assert make_scheduler(cfg, opt) is None
+    assert make_scheduler(cfg, opt, steps_per_epoch=10) is None
 
 
 def test_plateau_min_on_rising_accuracy_is_a_step_decay(params):
@@ -363,7 +363,7 @@ def test_plateau_min_on_rising_accuracy_is_a_step_decay(params):
         0.01, "min", 0.1, 10
     )  # fmt: skip
     opt = make_optimizer(cfg, MixerClassifier(cfg.model).parameters())
-    sched = make_scheduler(cfg, opt)
+    sched = make_scheduler(cfg, opt, steps_per_epoch=10)
     lrs = []
     for epoch in range(12):
         sched.step(0.5 + 0.01 * epoch)  # accuracy keeps rising
@@ -380,7 +380,7 @@ def test_plateau_min_on_rising_accuracy_is_a_step_decay(params):
 def test_plateau_max_on_rising_accuracy_never_cuts(params):
     cfg = config(params, plateau_mode="max")
     opt = make_optimizer(cfg, MixerClassifier(cfg.model).parameters())
-    sched = make_scheduler(cfg, opt)
+    sched = make_scheduler(cfg, opt, steps_per_epoch=10)
     for epoch in range(30):
         sched.step(0.5 + 0.01 * epoch)
     assert opt.param_groups[0]["lr"] == 0.01
