@@ -3,7 +3,9 @@
   (a) seed-style: torchvision DataLoader + ToTensor, per-batch transfer, `.item()` every step,
       as the report's notebook trained;
   (b) plain eager loop over in-memory tensors, `.item()` every step;
-  (c) the project's path: `stages.training.train_epoch` (data on the device, no per-step sync).
+  (c) the project's path: `stages.training.train_epoch` (data on the device, no per-step sync);
+  with --compile (d) the same under torch.compile, with --bf16 (e) the same with bf16 autocast
+  (AMX on recent x86 CPUs, tensor cores on GPUs).
 
 Also measures the machine's fp32 matrix-multiply peak (2048x2048 `torch.mm`) and prints
 achieved GFLOP/s (the model's Linear-layer FLOPs, forward + backward = 3x forward) and ratios.
@@ -21,6 +23,7 @@ dvclive, no checkpoints) and prints each run's wall time and test accuracy.
 import argparse
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -117,11 +120,11 @@ def project_path(cfg, train, device, steps: int, warmup: int, compiled: bool = F
     n = cfg.batch_size
     sync(device)
     start = time.perf_counter()
-    train_epoch(step_model, optimizer, train.head(warmup * n), n, shuffle)  # warm-up
+    train_epoch(step_model, optimizer, train.head(warmup * n), cfg, shuffle)  # warm-up
     sync(device)
     warmup_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    train_epoch(step_model, optimizer, train.head(steps * n), n, shuffle)
+    train_epoch(step_model, optimizer, train.head(steps * n), cfg, shuffle)
     sync(device)
     return time.perf_counter() - start, warmup_seconds
 
@@ -133,6 +136,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time (c) compiled")
+    parser.add_argument(
+        "--bf16", action="store_true", help="also time (c) with precision=bf16 (autocast)"
+    )
     parser.add_argument("--grid", action="store_true", help="also time every run, whole")
     parser.add_argument("--epochs", type=int, help="with --grid: override the epochs")
     args = parser.parse_args()
@@ -170,6 +176,10 @@ def main() -> None:
         )
         results["(d) (c) under torch.compile"] = seconds
         print(f"(d) compile + {args.warmup} warm-up steps took {warmup_seconds:.1f} s")
+    if args.bf16:
+        results["(e) (c) with bf16 autocast"] = project_path(
+            replace(cfg, precision="bf16"), train, device, args.steps, args.warmup
+        )[0]
     base = results["(a) seed-style DataLoader loop"]
     for name, seconds in results.items():
         epoch = seconds / args.steps * steps_per_epoch

@@ -293,7 +293,6 @@ def build_config(values: dict[str, Any], where: str = "params.yaml") -> RunConfi
         train_limit=_optional_int(f"{where}: train_limit", v["train_limit"]),
         test_limit=_optional_int(f"{where}: test_limit", v["test_limit"]),
     )
-    return cfg
 
 
 def check_top_level(params: dict[str, Any]) -> None:

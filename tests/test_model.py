@@ -1,6 +1,7 @@
 """The model, its initialisation, optimizers and scheduler, on tiny random tensors only."""
 
 import copy
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ from torch import nn
 
 from stages.config import resolve_run
 from stages.model import MixerClassifier, count_parameters, forward_flops, patchify
-from stages.training import build_model, make_optimizer, make_scheduler
+from stages.training import autocast, build_model, make_optimizer, make_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -412,3 +413,139 @@ def test_one_training_step(params, optimizer):
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(images)).all()
+
+
+# ---------------------------------------------------------------- the residual (pre_norm) Mixer
+
+
+def mixer_config(params: dict, blocks: int = 3, **preset):
+    p = copy.deepcopy(params)
+    p["models"]["mixer"].update(preset)
+    p["runs"]["mixer"] = dict(p["runs"]["mixer"], blocks=blocks)
+    return resolve_run(p, "mixer")
+
+
+def test_mixer_preset_shapes_parameters_and_flops(params):
+    cfg = mixer_config(params)
+    model = MixerClassifier(cfg.model)
+    assert [type(b).__name__ for b in model.blocks] == ["PreNormMixerBlock"] * 3
+    block = model.blocks[0]
+    assert isinstance(block.token_norm, nn.LayerNorm)
+    assert block.token_norm.normalized_shape == (128,)
+    assert linear_shapes(block.token_mixing) == [(49, 64), (64, 49)]
+    assert linear_shapes(block.channel_mixing) == [(128, 256), (256, 128)]
+    assert isinstance(model.head_norm, nn.LayerNorm)
+    assert model.classifier.in_features == 128  # mean over the patches, not the features
+    # stem 16*128+128; per block 2 LayerNorms + token MLP + channel MLP; head norm; classifier
+    per_block = 2 * 256 + (49 * 64 + 64 + 64 * 49 + 49) + (128 * 256 + 256 + 256 * 128 + 128)
+    assert count_parameters(model) == 16 * 128 + 128 + 3 * per_block + 256 + 128 * 10 + 10
+    images = torch.rand(4, 1, 28, 28)
+    assert model(images).shape == (4, 10)
+    assert forward_flops(cfg.model) == counted_flops(model, images)
+    report = resolve_run(params, "final")
+    assert forward_flops(cfg.model) <= 2 * forward_flops(report.model)  # issue 6's cost cap
+
+
+def test_pre_norm_block_is_residual_in_both_mixings(params):
+    """With both MLPs' output layers zeroed, a block must be the identity."""
+    cfg = mixer_config(params, blocks=1)
+    block = MixerClassifier(cfg.model).blocks[0].eval()
+    x = torch.randn(2, 49, 128)
+    for mixing in (block.token_mixing, block.channel_mixing):
+        nn.init.zeros_(mixing[2].weight)
+        nn.init.zeros_(mixing[2].bias)
+    assert torch.equal(block(x), x)
+    nn.init.normal_(block.token_mixing[2].weight)  # token branch only: mixes across patches
+    y = block(x)
+    x2 = x.clone()
+    x2[:, 0] += 1.0  # change patch 0 only
+    assert not torch.allclose(block(x2)[:, 1], y[:, 1])  # patch 1 feels it
+
+
+def test_pre_norm_without_norm_has_no_layernorm(params):
+    model = MixerClassifier(mixer_config(params, norm="none").model)
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+
+
+def test_drop_path_rates_grow_with_depth_and_act_only_in_training(params):
+    cfg = mixer_config(params, blocks=3, drop_path=0.2)
+    model = MixerClassifier(cfg.model)
+    assert [b.drop_path.p for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2])
+    drop = model.blocks[2].drop_path
+    x = torch.ones(2000, 3, 4)
+    torch.manual_seed(0)
+    out = drop.train()(x)
+    per_sample = out[:, 0, 0]
+    assert per_sample.unique().tolist() == pytest.approx([0.0, 1 / 0.8])
+    assert (out == out[:, :1, :1]).all()  # the whole sample's branch is kept or dropped
+    assert abs((per_sample == 0).float().mean().item() - 0.2) < 0.03
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_adamw_decays_weight_matrices_only(params):
+    cfg = mixer_config(params)
+    model = MixerClassifier(cfg.model)
+    opt = make_optimizer(cfg, model.parameters())
+    assert type(opt) is torch.optim.AdamW
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == cfg.weight_decay == 0.05
+    assert plain["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decayed["params"])
+    assert all(p.ndim == 1 for p in plain["params"])  # biases and LayerNorm gains
+    total = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert total == count_parameters(model)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero(params):
+    cfg = mixer_config(params)  # lr 0.002, 3 warm-up epochs of 60
+    model = MixerClassifier(cfg.model)
+    opt = make_optimizer(cfg, model.parameters())
+    sched = make_scheduler(cfg, opt, steps_per_epoch=10)
+    lrs = []
+    for _ in range(600):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.002 / 30)
+    assert lrs[29] == pytest.approx(0.002)  # end of warm-up: the peak
+    assert all(a < b for a, b in itertools.pairwise(lrs[:30]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[30:]))
+    assert lrs[30 + 285] == pytest.approx(0.001, rel=1e-3)  # half way through the decay
+    assert lrs[-1] < 1e-6
+    assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"]  # both groups follow
+
+
+def test_short_cosine_run_only_warms_up(params):
+    cfg = dataclasses.replace(mixer_config(params), epochs=2)  # quick run: 2 of 3 warm-up epochs
+    opt = make_optimizer(cfg, MixerClassifier(cfg.model).parameters())
+    sched = make_scheduler(cfg, opt, steps_per_epoch=5)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert all(a < b for a, b in itertools.pairwise(lrs))
+    assert lrs[-1] == pytest.approx(0.002 * 10 / 15)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_mixer_training_step_learns(params, precision):
+    """A few steps on one fixed batch must lower the loss, in either precision."""
+    cfg = dataclasses.replace(mixer_config(params, blocks=2), precision=precision, lr=0.003)
+    model = build_model(cfg, seed=0)
+    opt = make_optimizer(cfg, model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(32, 1, 28, 28, generator=gen)
+    labels = torch.randint(0, 10, (32,), generator=gen)
+    losses = []
+    for _ in range(15):
+        with autocast(cfg, torch.device("cpu")):
+            logits = model(images)
+        assert logits.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert losses[-1] < 0.5 * losses[0], losses
