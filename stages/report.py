@@ -22,6 +22,7 @@ from stages import config
 from stages.data import CLASSES, class_key
 from stages.errors import UserError, run_cli
 from stages.files import atomic_write, write_json, write_text
+from stages.model import forward_flops
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -170,6 +171,20 @@ def verdict(claim: dict[str, Any], members: dict[str, str], results: dict[str, R
     return f"Report: {claim['claim']}. {judgement}.{notes}"
 
 
+def goal_line(goal: dict[str, Any], members: dict[str, str], results: dict[str, RunResult]) -> str:
+    """Whether a run's mean test accuracy reaches a stated goal."""
+    run, target = goal["run"], goal["test_accuracy"]
+    scores = results[run].values("test_accuracy")
+    if not scores:
+        return f"Goal: {members[run]} at {target:.3f} test accuracy: not met (every seed diverged)."
+    mean, _ = mean_std(scores)
+    met = "met" if mean >= target else "**not met**"
+    return (
+        f"Goal: mean test accuracy of {members[run]} at least {target:.3f}: {met} "
+        f"({fmt(scores)} over {len(scores)} seed{'s' if len(scores) > 1 else ''})."
+    )
+
+
 def study_table(
     study: str, members: dict[str, str], results: dict[str, RunResult], published: dict
 ) -> str:
@@ -298,7 +313,8 @@ def main() -> None:
         f"- Epochs: {first['config']['epochs']}; seeds: {', '.join(map(str, seeds))}; "
         f"device: {first['device']}",
         "- train acc and loss: running means over the last epoch in training mode (as the report "
-        "measured them); test acc: eval mode, after the last epoch",
+        "measured them), on augmented images and label-smoothed targets where a run uses them; "
+        "test acc: eval mode, after the last epoch",
         "- a ± b: mean ± standard deviation over seeds. " + RULE,
         "",
     ]
@@ -311,6 +327,11 @@ def main() -> None:
             "",
             verdict(published.get(study, {"claim": "-", "best": None}), members, results),
             "",
+            *(
+                [goal_line(published[study]["goal"], members, results), ""]
+                if "goal" in published.get(study, {})
+                else []
+            ),
             f"![{study}](figures/{study}.png)",
             "",
         ]
@@ -335,13 +356,23 @@ def main() -> None:
         ]
     timing = []
     for run, r in results.items():
+        summary = r.summaries[0]
+        cfg = config.RunConfig.from_dict(summary["config"])
+        flops = forward_flops(cfg.model)
         seconds = [s["seconds_per_epoch"] for s in r.summaries if s["seconds_per_epoch"]]
-        timing.append(f"| {run} | {fmt(seconds, 1)} | {r.summaries[0]['parameters']} |")
+        timing.append(
+            f"| {run} | {fmt(seconds, 1)} | {cfg.precision} | {summary['parameters']:,} "
+            f"| {flops / 1e6:.1f} | {3 * flops * summary['train_images'] / 1e12:.2f} |"
+        )
     lines += [
         "## Cost",
         "",
-        "| run | seconds per epoch | parameters |",
-        "| --- | --- | --- |",
+        "Seconds per epoch: training only, on the device above. Training FLOPs: the Linear "
+        "layers' multiply-adds x 2, forward + backward = 3 x forward, per training epoch.",
+        "",
+        "| run | seconds per epoch | precision | parameters | forward MFLOP per image "
+        "| training TFLOP per epoch |",
+        "| --- | --- | --- | --- | --- | --- |",
         *timing,
         "",
     ]

@@ -1,5 +1,6 @@
 """The report stage on synthetic run folders: tables, spread rule, verdicts, diverged runs."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.config import resolve_run
 from stages.data import CLASSES, class_key
 
 REPO = Path(__file__).resolve().parents[1]
+REPO_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -28,7 +31,7 @@ def fake_run(runs: Path, name: str, seed: int, test_acc: float | None, diverged_
         "diverged": diverged_at is not None, "diverged_epoch": diverged_at,
         "final": history[-1] if history else None, "device": "cpu",
         "seconds_per_epoch": 2.0 if history else None, "history": history,
-        "config": {"epochs": 3},
+        "config": dataclasses.replace(resolve_run(REPO_PARAMS, name), epochs=3).to_dict(),
     }  # fmt: skip
     train = runs / f"{name}-{seed}" / "train"
     train.mkdir(parents=True)
@@ -48,7 +51,9 @@ def fake_run(runs: Path, name: str, seed: int, test_acc: float | None, diverged_
     (evaluation / "metrics.json").write_text(json.dumps(metrics))
 
 
-def make_report(tmp_path: Path, accuracies: dict[str, list], seeds: list[int]) -> Path:
+def make_report(
+    tmp_path: Path, accuracies: dict[str, list], seeds: list[int], modern: bool = False
+) -> Path:
     """accuracies: run -> per-seed test accuracy, or ('diverged', epoch)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["seeds"] = seeds
@@ -58,6 +63,9 @@ def make_report(tmp_path: Path, accuracies: dict[str, list], seeds: list[int]) -
         "optimizer": {"final": "Adam", "sgd": "SGD"},
         "final": {"final": "final model"},
     }
+    if modern:
+        params["runs"]["mixer"] = REPO_PARAMS["runs"]["mixer"]
+        params["studies"]["modern"] = {"final": "report's final", "mixer": "modern Mixer"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for run, values in accuracies.items():
         for seed, value in zip(seeds, values, strict=True):
@@ -153,3 +161,26 @@ def test_with_one_seed_a_different_winner_is_not_confirmed_rather_than_refuted(t
         "spread is unknown" in report
     )
     assert "Does not hold" not in report
+
+
+@pytest.mark.parametrize(
+    ("mixer", "met"), [([0.931, 0.933, 0.935], True), ([0.926, 0.928, 0.930], False)]
+)
+def test_modern_study_goal_and_cost_table(tmp_path, mixer, met):
+    results = make_report(
+        tmp_path,
+        {"final": [0.900, 0.902, 0.904], "blocks-2": [0.85] * 3, "sgd": [0.8] * 3, "mixer": mixer},
+        seeds=[0, 1, 2],
+        modern=True,
+    )
+    report = (results / "report.md").read_text()
+    goal = next(line for line in report.splitlines() if line.startswith("Goal:"))
+    mean = sum(mixer) / 3
+    assert goal.startswith("Goal: mean test accuracy of modern Mixer at least 0.930: ")
+    assert ("**not met**" not in goal) == met
+    assert f"({mean:.3f} ± 0.002 over 3 seeds)" in goal
+    assert "Holds: modern Mixer beats report's final beyond the spread" in report
+    assert "| 0.938 / 0.902 / 0.16 |" in table_row(report, "report's final", "modern")
+    cost = report.split("## Cost")[1]
+    assert "| final | 2.0 ± 0.0 | fp32 | 87,550 | 14.3 | 2.37 |" in cost  # 3 x 14.3 MFLOP x 55k
+    assert "| mixer | 2.0 ± 0.0 | bf16 |" in cost
