@@ -1,9 +1,10 @@
 """Where a training step of the report model spends its time: torch.profiler's table.
 
-python benchmarks/profile_step.py [--device cuda] [--steps 10]
+python benchmarks/profile_step.py [--device cuda] [--steps 10] [--precision bf16] [--run mixer]
 """
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from stages.config import resolve_run
-from stages.training import build_model, make_optimizer
+from stages.training import autocast, build_model, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,17 +23,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--run", default="final", help="a run of params.yaml")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: the run's")
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    cfg = resolve_run(yaml.safe_load((REPO / "params.yaml").read_text()), "final")
+    cfg = resolve_run(yaml.safe_load((REPO / "params.yaml").read_text()), args.run)
+    cfg = replace(cfg, precision=args.precision or cfg.precision)
     model = build_model(cfg, seed=0).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     images = torch.rand(cfg.batch_size, 1, 28, 28, device=device)
     labels = torch.randint(0, 10, (cfg.batch_size,), device=device)
 
     def step() -> None:
-        loss = nn.functional.cross_entropy(model(images), labels)
+        with autocast(cfg, device):
+            logits = model(images)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -46,7 +52,10 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"{args.steps} steps, batch {cfg.batch_size}, {torch.get_num_threads()} threads")
+    print(
+        f"run {args.run}, {cfg.precision}: {args.steps} steps, batch {cfg.batch_size}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=40))
 
 
