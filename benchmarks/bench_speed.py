@@ -5,7 +5,7 @@
   (b) plain eager loop over in-memory tensors, `.item()` every step;
   (c) the project's path: `stages.training.train_epoch` (data on the device, no per-step sync);
   with --compile (d) the same under torch.compile, with --bf16 (e) the same with bf16 autocast
-  (AMX on recent x86 CPUs, tensor cores on GPUs).
+  (AMX on recent x86 CPUs, tensor cores on GPUs), and with both (f) (e) under torch.compile.
 
 Also measures the machine's fp32 matrix-multiply peak (2048x2048 `torch.mm`) and prints
 achieved GFLOP/s (the model's Linear-layer FLOPs, forward + backward = 3x forward) and ratios.
@@ -34,7 +34,7 @@ from torchvision import datasets, transforms
 from stages.config import resolve_run
 from stages.data import load_dataset
 from stages.model import forward_flops
-from stages.training import build_model, fit, make_optimizer, train_epoch
+from stages.training import allow_tf32, build_model, fit, make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 60_000
@@ -144,6 +144,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    allow_tf32(device)  # every path below, as in `fit`
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     cfg = resolve_run(params, "final")
     data = load_dataset(args.data, val_size=cfg.val_size, split_seed=cfg.split_seed)
@@ -177,9 +178,16 @@ def main() -> None:
         results["(d) (c) under torch.compile"] = seconds
         print(f"(d) compile + {args.warmup} warm-up steps took {warmup_seconds:.1f} s")
     if args.bf16:
+        bf16 = replace(cfg, precision="bf16")
         results["(e) (c) with bf16 autocast"] = project_path(
-            replace(cfg, precision="bf16"), train, device, args.steps, args.warmup
+            bf16, train, device, args.steps, args.warmup
         )[0]
+        if args.compile:
+            seconds, warmup_seconds = project_path(
+                bf16, train, device, args.steps, args.warmup, compiled=True
+            )
+            results["(f) (e) under torch.compile"] = seconds
+            print(f"(f) compile + {args.warmup} warm-up steps took {warmup_seconds:.1f} s")
     base = results["(a) seed-style DataLoader loop"]
     for name, seconds in results.items():
         epoch = seconds / args.steps * steps_per_epoch
