@@ -21,6 +21,7 @@ dvclive, no checkpoints) and prints each run's wall time and test accuracy.
 """
 
 import argparse
+import os
 import platform
 import time
 from dataclasses import replace
@@ -38,6 +39,18 @@ from stages.training import allow_tf32, build_model, fit, make_optimizer, train_
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 60_000
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AMX-BF16 (what makes bf16 fast on a CPU)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), platform.machine())  # fmt: skip
+    amx = "yes" if "amx_bf16" in info else "no"
+    return f"{name}, {os.cpu_count()} logical CPUs, AMX-BF16 {amx}"
 
 
 def sync(device: torch.device) -> None:
@@ -153,7 +166,7 @@ def main() -> None:
     flops_per_step = 3 * forward_flops(cfg.model) * cfg.batch_size
 
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"machine: {cpu_name()}, {torch.get_num_threads()} "
         f"threads, torch {torch.__version__}, device {device}"
         + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
     )
