@@ -150,3 +150,23 @@ def test_missing_data_folder_is_a_one_line_error_and_writes_nothing(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: data folder")
     assert "dvc repro fetch" in lines[0]
     assert not out.exists() and not (tmp_path / "c.pt").exists()
+
+
+def test_selection_script_scores_on_validation_only(tmp_path, data_dir):
+    log = tmp_path / "selection.jsonl"
+    proc = run_stage(
+        [sys.executable, "benchmarks/select_on_val.py", "--run", "mixer", "--epochs", "1",
+         "--data", str(data_dir), "--log", str(log), "--set", "train_limit=256",
+         "--set", "val_size=128", "--set", "models.mixer.drop_path=0.0"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(log.read_text())
+    assert result["changes"] == ["train_limit=256", "val_size=128", "models.mixer.drop_path=0.0"]
+    assert 0.0 < result["val_accuracy"] <= 1.0
+    assert "test" not in " ".join(result)  # no test metric is reported
+    bad = run_stage(
+        [sys.executable, "benchmarks/select_on_val.py", "--run", "mixer", "--epochs", "1",
+         "--data", str(data_dir), "--set", "lr=-1"]
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: run 'mixer': lr=-1 must be in (0.0, inf)"]
