@@ -496,16 +496,22 @@ def test_adamw_decays_weight_matrices_only(params):
     assert total == count_parameters(model)
 
 
-def test_cosine_schedule_warms_up_then_decays_to_zero(params):
-    cfg = mixer_config(params)  # lr 0.002, 3 warm-up epochs of 60
-    model = MixerClassifier(cfg.model)
-    opt = make_optimizer(cfg, model.parameters())
-    sched = make_scheduler(cfg, opt, steps_per_epoch=10)
+def lr_trace(cfg, steps_per_epoch: int) -> tuple[list[float], torch.optim.Optimizer]:
+    """The learning rate of every step of a whole run, stepping as `train_epoch` does."""
+    opt = make_optimizer(cfg, MixerClassifier(cfg.model).parameters())
+    sched = make_scheduler(cfg, opt, steps_per_epoch=steps_per_epoch)
     lrs = []
-    for _ in range(600):
+    for _ in range(cfg.epochs * steps_per_epoch):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs, opt
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero(params):
+    cfg = mixer_config(params)  # lr 0.002, 3 warm-up epochs of 60
+    lrs, opt = lr_trace(cfg, steps_per_epoch=10)
+    assert len(lrs) == 600
     assert lrs[0] == pytest.approx(0.002 / 30)
     assert lrs[29] == pytest.approx(0.002)  # end of warm-up: the peak
     assert all(a < b for a, b in itertools.pairwise(lrs[:30]))
@@ -517,13 +523,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero(params):
 
 def test_short_cosine_run_only_warms_up(params):
     cfg = dataclasses.replace(mixer_config(params), epochs=2)  # quick run: 2 of 3 warm-up epochs
-    opt = make_optimizer(cfg, MixerClassifier(cfg.model).parameters())
-    sched = make_scheduler(cfg, opt, steps_per_epoch=5)
-    lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs, _ = lr_trace(cfg, steps_per_epoch=5)
     assert all(a < b for a, b in itertools.pairwise(lrs))
     assert lrs[-1] == pytest.approx(0.002 * 10 / 15)
 
