@@ -15,6 +15,7 @@ import yaml
 
 from stages.config import resolve_run
 from stages.fetch import fetch
+from stages.training import CODE_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"epochs": 3, "batch_size": 64, "train_limit": 1500, "val_size": 300, "test_limit": 300}
@@ -170,3 +171,10 @@ def test_selection_script_scores_on_validation_only(tmp_path, data_dir):
     )  # fmt: skip
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: run 'mixer': lr=-1 must be in (0.0, inf)"]
+
+
+def test_train_stage_reruns_when_any_code_it_runs_changes():
+    """DVC reruns `train` only for the files listed as its deps; a missing one would keep a
+    stale cached model after, say, an augmentation fix."""
+    train = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
+    assert {f"stages/{name}" for name in CODE_FILES} <= set(train["deps"])
