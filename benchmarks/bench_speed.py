@@ -58,8 +58,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device: torch.device, dtype=torch.float32, n=2048, repeats=10) -> float:
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)
     sync(device)
     start = time.perf_counter()
@@ -170,8 +170,11 @@ def main() -> None:
         f"threads, torch {torch.__version__}, device {device}"
         + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
     )
-    peak = matmul_peak(device)
-    print(f"fp32 matmul peak (2048x2048 torch.mm): {peak:.1f} GFLOP/s")
+    peaks = {"fp32": matmul_peak(device)}
+    if args.bf16:
+        peaks["bf16"] = matmul_peak(device, torch.bfloat16)
+    for precision, peak in peaks.items():
+        print(f"{precision} matmul peak (2048x2048 torch.mm): {peak:.1f} GFLOP/s")
     print(
         f"report model: {flops_per_step * steps_per_epoch / 1e12:.2f} TFLOP per epoch; "
         f"{args.steps} timed steps of batch {cfg.batch_size} per path, "
@@ -203,11 +206,14 @@ def main() -> None:
             print(f"(f) compile + {args.warmup} warm-up steps took {warmup_seconds:.1f} s")
     base = results["(a) seed-style DataLoader loop"]
     for name, seconds in results.items():
+        precision = "bf16" if name.startswith(("(e)", "(f)")) else "fp32"
         epoch = seconds / args.steps * steps_per_epoch
         gflops = flops_per_step * args.steps / seconds / 1e9
         print(
             f"{name:34s} {epoch:7.1f} s/epoch (extrapolated)  {gflops:6.1f} GFLOP/s "
-            f"({gflops / peak:5.1%} of peak)  {base / seconds:4.2f}x vs (a)"
+            f"({gflops / peaks['fp32']:5.1%} of fp32 peak"
+            + (f", {gflops / peaks['bf16']:5.1%} of bf16 peak" if precision == "bf16" else "")
+            + f")  {base / seconds:4.2f}x vs (a)"
         )
     if args.grid:
         time_grid(params, data, device, args.epochs)
