@@ -180,33 +180,34 @@ def main() -> None:
         f"{args.steps} timed steps of batch {cfg.batch_size} per path, "
         f"epoch = {steps_per_epoch:.1f} steps (extrapolated)"
     )
-    results = {
-        "(a) seed-style DataLoader loop": seed_style(cfg, args.data, device, args.steps,
-                                                     args.warmup),
-        "(b) plain eager, in-memory": plain_eager(cfg, train.images, train.labels, device,
-                                                  args.steps, args.warmup),
-        "(c) project path": project_path(cfg, train, device, args.steps, args.warmup)[0],
+    results = {  # name: (seconds for the timed steps, precision of the matrix multiplies)
+        "(a) seed-style DataLoader loop": (seed_style(cfg, args.data, device, args.steps,
+                                                      args.warmup), "fp32"),
+        "(b) plain eager, in-memory": (plain_eager(cfg, train.images, train.labels, device,
+                                                   args.steps, args.warmup), "fp32"),
+        "(c) project path": (project_path(cfg, train, device, args.steps, args.warmup)[0],
+                             "fp32"),
     }  # fmt: skip
     if args.compile:
         seconds, warmup_seconds = project_path(
             cfg, train, device, args.steps, args.warmup, compiled=True
         )
-        results["(d) (c) under torch.compile"] = seconds
+        results["(d) (c) under torch.compile"] = (seconds, "fp32")
         print(f"(d) compile + {args.warmup} warm-up steps took {warmup_seconds:.1f} s")
     if args.bf16:
         bf16 = replace(cfg, precision="bf16")
-        results["(e) (c) with bf16 autocast"] = project_path(
-            bf16, train, device, args.steps, args.warmup
-        )[0]
+        results["(e) (c) with bf16 autocast"] = (
+            project_path(bf16, train, device, args.steps, args.warmup)[0],
+            "bf16",
+        )
         if args.compile:
             seconds, warmup_seconds = project_path(
                 bf16, train, device, args.steps, args.warmup, compiled=True
             )
-            results["(f) (e) under torch.compile"] = seconds
+            results["(f) (e) under torch.compile"] = (seconds, "bf16")
             print(f"(f) compile + {args.warmup} warm-up steps took {warmup_seconds:.1f} s")
-    base = results["(a) seed-style DataLoader loop"]
-    for name, seconds in results.items():
-        precision = "bf16" if name.startswith(("(e)", "(f)")) else "fp32"
+    base = results["(a) seed-style DataLoader loop"][0]
+    for name, (seconds, precision) in results.items():
         epoch = seconds / args.steps * steps_per_epoch
         gflops = flops_per_step * args.steps / seconds / 1e9
         print(
