@@ -37,8 +37,26 @@ def env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **GIT_IDENTITY}
 
 
-def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True)
+def run(
+    cwd: Path, *args: str, check: bool = True, timeout: float = 600, log: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command in the project; a hung command fails the test instead of hanging CI.
+
+    `log` sends the output to a file instead of pipes: `dvc queue start` leaves processes that
+    hold its output open until its workers exit, so reading a pipe would wait for them.
+    """
+    try:
+        if log is None:
+            proc = subprocess.run(
+                args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout
+            )
+        else:
+            with log.open("w") as out:
+                proc = subprocess.run(
+                    args, cwd=cwd, env=env(), stdout=out, stderr=subprocess.STDOUT, timeout=timeout
+                )
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{' '.join(args)} did not finish within {timeout} s") from None
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -4,7 +4,10 @@ One module-scoped project is built and reproduced once; the tests then act on it
 (repro, no-op repro, an experiment, bad params, the queue).
 """
 
+import contextlib
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -102,16 +105,29 @@ def test_params_typo_fails_cleanly(project):
     assert run(project, "git", "status", "--porcelain").stdout == before
 
 
-def test_two_queued_experiments_run_in_parallel(project):
+def stop_queue_workers(project: Path) -> None:
+    """Kill whatever the queue's workers still run: each leads a process group of its own."""
+    for pidfile in (project / ".dvc" / "tmp" / "exps" / "celery").glob("*.pid"):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            group = os.getpgid(int(pidfile.read_text()))
+            if group != os.getpgrp():
+                os.killpg(group, signal.SIGKILL)
+
+
+def test_two_queued_experiments_run_in_parallel(project, tmp_path):
     run(project, "dvc", "exp", "run", "--queue", "-S", "lr=0.02,0.005")
-    run(project, "dvc", "queue", "start", "-j", "2")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = run(project, "dvc", "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    assert status.count("Success") == 2, status
+    try:
+        run(project, "dvc", "queue", "start", "-j", "2", log=tmp_path / "queue-start.log")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = run(project, "dvc", "queue", "status", timeout=120).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(3)
+    finally:
+        stop_queue_workers(project)
+    logs = "".join(path.read_text() for path in (project / ".dvc/tmp/exps/celery").glob("*.out"))
+    assert status.count("Success") == 2, f"{status}\n{logs[-4000:]}"
     by_lr = {
         data["params"]["params.yaml"]["data"]["lr"]: data["metrics"]["results/metrics.json"]["data"]
         for data in experiments(project).values()
