@@ -1,9 +1,10 @@
 """Seconds per training epoch of the report model, three ways, in one process and one run.
 
   (a) seed-style: torchvision DataLoader + ToTensor, per-batch transfer, `.item()` every step,
-      as the report's notebook trained;
-  (b) plain eager loop over in-memory tensors, `.item()` every step;
-  (c) the project's path: `stages.training.train_epoch` (data on the device, no per-step sync);
+      torch's nn.Dropout, as the report's notebook trained;
+  (b) plain eager loop over in-memory tensors, `.item()` every step, torch's nn.Dropout;
+  (c) the project's path: `stages.training.train_epoch` (data on the device, no per-step sync,
+      `stages.model.Dropout`), and (c0) the same with torch's nn.Dropout, to show that change;
   with --compile (d) the same under torch.compile, with --bf16 (e) the same with bf16 autocast
   (AMX on recent x86 CPUs, tensor cores on GPUs), and with both (f) (e) under torch.compile.
 
@@ -34,7 +35,7 @@ from torchvision import datasets, transforms
 
 from stages.config import resolve_run
 from stages.data import load_dataset
-from stages.model import forward_flops
+from stages.model import Dropout, forward_flops
 from stages.training import allow_tf32, build_model, fit, make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,13 +70,22 @@ def matmul_peak(device: torch.device, dtype=torch.float32, n=2048, repeats=10) -
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+def with_torch_dropout(model: nn.Module) -> nn.Module:
+    """The model with torch's own nn.Dropout (a `bernoulli_` mask), as the notebook had."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, Dropout):
+                setattr(parent, name, nn.Dropout(child.p))
+    return model
+
+
 def seed_style(cfg, root: Path, device, steps: int, warmup: int) -> float:
     """(a): seconds for `steps` steps of a DataLoader loop, as the notebook trained."""
     dataset = datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor())
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=2, persistent_workers=True
     )
-    model = build_model(cfg, seed=0).to(device)
+    model = with_torch_dropout(build_model(cfg, seed=0)).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -100,7 +110,7 @@ def seed_style(cfg, root: Path, device, steps: int, warmup: int) -> float:
 
 def plain_eager(cfg, images, labels, device, steps: int, warmup: int) -> float:
     """(b): in-memory tensors, a per-step `.item()` for the running loss."""
-    model = build_model(cfg, seed=0).to(device)
+    model = with_torch_dropout(build_model(cfg, seed=0)).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -120,13 +130,16 @@ def plain_eager(cfg, images, labels, device, steps: int, warmup: int) -> float:
     return time.perf_counter() - start
 
 
-def project_path(cfg, train, device, steps: int, warmup: int, compiled: bool = False):
+def project_path(
+    cfg, train, device, steps: int, warmup: int, compiled: bool = False, torch_dropout=False
+):
     """(c): the project's `train_epoch`, on a slice of exactly warmup + steps batches.
 
     With `compiled`, the model runs under `torch.compile`; the warm-up (which compiles) is
     timed and returned too, so the compile cost is reported, not hidden.
     """
-    model = build_model(cfg, seed=0).to(device)
+    model = build_model(cfg, seed=0)
+    model = (with_torch_dropout(model) if torch_dropout else model).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     step_model = torch.compile(model) if compiled else model
     shuffle = torch.Generator().manual_seed(0)
@@ -187,6 +200,9 @@ def main() -> None:
                                                    args.steps, args.warmup), "fp32"),
         "(c) project path": (project_path(cfg, train, device, args.steps, args.warmup)[0],
                              "fp32"),
+        "(c0) (c) with torch's nn.Dropout": (project_path(cfg, train, device, args.steps,
+                                                          args.warmup, torch_dropout=True)[0],
+                                             "fp32"),
     }  # fmt: skip
     if args.compile:
         seconds, warmup_seconds = project_path(

@@ -12,7 +12,7 @@ import yaml
 from torch import nn
 
 from stages.config import resolve_run
-from stages.model import MixerClassifier, count_parameters, forward_flops, patchify
+from stages.model import Dropout, MixerClassifier, count_parameters, forward_flops, patchify
 from stages.training import autocast, build_model, make_optimizer, make_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,6 +242,27 @@ def test_dropout_value_honoured(params, p):
     dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     assert len(dropouts) == 2
     assert all(d.p == p for d in dropouts)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_behaves_as_torch_dropout_on_the_cpu(p, dtype):
+    """Zeroes a fraction p in every lane of its 64-bit draws, scales the rest as torch does."""
+    x = torch.rand(4000, 1000).add_(1.0).to(dtype).requires_grad_()
+    torch.manual_seed(0)
+    y = Dropout(p)(x)
+    dropped = y == 0
+    # the four int16 lanes of each draw: a lane with too few random bits would show here
+    for lane in range(4):
+        assert abs(dropped.view(-1, 4)[:, lane].float().mean().item() - p) < 0.004
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=dtype)  # torch's CPU mask: 1/(1-p) in x's dtype
+    assert torch.equal(y[~dropped], x.detach()[~dropped] * scale)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, torch.where(dropped, 0.0, scale).to(dtype))
+    torch.manual_seed(0)
+    assert torch.equal(Dropout(p)(x), y)  # the seed fixes the mask
+    assert Dropout(p).eval()(x) is x
 
 
 # ---------------------------------------------------------------- initialisation
