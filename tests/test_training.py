@@ -3,6 +3,7 @@ after `kill -9`, divergence, and a missing data folder."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,3 +179,16 @@ def test_train_stage_reruns_when_any_code_it_runs_changes():
     stale cached model after, say, an augmentation fix."""
     train = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
     assert {f"stages/{name}" for name in CODE_FILES} <= set(train["deps"])
+
+
+def test_speed_benchmark_times_every_path(data_dir):
+    """The benchmark (and so benchmarks/gpu_check.sh) runs each path and compares it to (a)."""
+    proc = run_stage(
+        [sys.executable, "benchmarks/bench_speed.py", "--data", str(data_dir),
+         "--steps", "2", "--warmup", "1", "--bf16"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if "s/epoch (extrapolated)" in line]
+    assert [row.split()[0] for row in rows] == ["(a)", "(b)", "(c)", "(c0)", "(e)"]
+    assert all(re.search(r"\d+\.\d\dx vs \(a\)$", row) for row in rows), rows
+    assert "fp32 matmul peak" in proc.stdout and "bf16 matmul peak" in proc.stdout
