@@ -1,10 +1,11 @@
 """Seconds per training epoch of the report model, three ways, in one process and one run.
 
   (a) seed-style: torchvision DataLoader + ToTensor, per-batch transfer, `.item()` every step,
-      torch's nn.Dropout, as the report's notebook trained;
-  (b) plain eager loop over in-memory tensors, `.item()` every step, torch's nn.Dropout;
+      the notebook's layout and torch's nn.Dropout (`notebook_model.py`), as the report trained;
+  (b) plain eager loop over in-memory tensors, `.item()` every step, as (a) otherwise;
   (c) the project's path: `stages.training.train_epoch` (data on the device, no per-step sync,
-      `stages.model.Dropout`), and (c0) the same with torch's nn.Dropout, to show that change;
+      token-major layout, `stages.model.Dropout`), and to show what each of those two changes
+      gives, (c0) the same with torch's nn.Dropout and (c1) the same in the notebook's layout;
   with --compile (d) the same under torch.compile, with --bf16 (e) the same with bf16 autocast
   (AMX on recent x86 CPUs, tensor cores on GPUs), and with both (f) (e) under torch.compile.
 
@@ -33,6 +34,7 @@ import yaml
 from torch import nn
 from torchvision import datasets, transforms
 
+from notebook_model import NotebookModel  # benchmarks/, the script's folder
 from stages.config import resolve_run
 from stages.data import load_dataset
 from stages.model import Dropout, forward_flops
@@ -79,13 +81,18 @@ def with_torch_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def notebook_layout(model: nn.Module) -> nn.Module:
+    """The model in the notebook's (batch, tokens, channels) layout, with the project's Dropout."""
+    return NotebookModel(model, dropout=Dropout)
+
+
 def seed_style(cfg, root: Path, device, steps: int, warmup: int) -> float:
     """(a): seconds for `steps` steps of a DataLoader loop, as the notebook trained."""
     dataset = datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor())
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=2, persistent_workers=True
     )
-    model = with_torch_dropout(build_model(cfg, seed=0)).to(device)
+    model = NotebookModel(build_model(cfg, seed=0)).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -110,7 +117,7 @@ def seed_style(cfg, root: Path, device, steps: int, warmup: int) -> float:
 
 def plain_eager(cfg, images, labels, device, steps: int, warmup: int) -> float:
     """(b): in-memory tensors, a per-step `.item()` for the running loss."""
-    model = with_torch_dropout(build_model(cfg, seed=0)).to(device)
+    model = NotebookModel(build_model(cfg, seed=0)).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -131,15 +138,16 @@ def plain_eager(cfg, images, labels, device, steps: int, warmup: int) -> float:
 
 
 def project_path(
-    cfg, train, device, steps: int, warmup: int, compiled: bool = False, torch_dropout=False
+    cfg, train, device, steps: int, warmup: int, compiled: bool = False, variant=None
 ):
     """(c): the project's `train_epoch`, on a slice of exactly warmup + steps batches.
 
-    With `compiled`, the model runs under `torch.compile`; the warm-up (which compiles) is
-    timed and returned too, so the compile cost is reported, not hidden.
+    `variant` rebuilds the model another way (c0, c1). With `compiled`, the model runs under
+    `torch.compile`; the warm-up (which compiles) is timed and returned too, so the compile
+    cost is reported, not hidden.
     """
     model = build_model(cfg, seed=0)
-    model = (with_torch_dropout(model) if torch_dropout else model).to(device)
+    model = (variant(model) if variant else model).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     step_model = torch.compile(model) if compiled else model
     shuffle = torch.Generator().manual_seed(0)
@@ -193,17 +201,20 @@ def main() -> None:
         f"{args.steps} timed steps of batch {cfg.batch_size} per path, "
         f"epoch = {steps_per_epoch:.1f} steps (extrapolated)"
     )
+    def project(variant=None) -> float:
+        return project_path(cfg, train, device, args.steps, args.warmup, variant=variant)[0]
+
     results = {  # name: (seconds for the timed steps, precision of the matrix multiplies)
-        "(a) seed-style DataLoader loop": (seed_style(cfg, args.data, device, args.steps,
-                                                      args.warmup), "fp32"),
-        "(b) plain eager, in-memory": (plain_eager(cfg, train.images, train.labels, device,
-                                                   args.steps, args.warmup), "fp32"),
-        "(c) project path": (project_path(cfg, train, device, args.steps, args.warmup)[0],
-                             "fp32"),
-        "(c0) (c) with torch's nn.Dropout": (project_path(cfg, train, device, args.steps,
-                                                          args.warmup, torch_dropout=True)[0],
-                                             "fp32"),
-    }  # fmt: skip
+        "(a) seed-style DataLoader loop": (
+            seed_style(cfg, args.data, device, args.steps, args.warmup), "fp32"
+        ),
+        "(b) plain eager, in-memory": (
+            plain_eager(cfg, train.images, train.labels, device, args.steps, args.warmup), "fp32"
+        ),
+        "(c) project path": (project(), "fp32"),
+        "(c0) (c) with torch's nn.Dropout": (project(with_torch_dropout), "fp32"),
+        "(c1) (c) in the notebook's layout": (project(notebook_layout), "fp32"),
+    }
     if args.compile:
         seconds, warmup_seconds = project_path(
             cfg, train, device, args.steps, args.warmup, compiled=True

@@ -6,6 +6,7 @@
 # report-model run in <= 30 s and the whole grid in <= 5 minutes on one H100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # `stages` without installing the project
 if [ ! -d data/fashion-mnist/FashionMNIST/raw ]; then
     python -m stages.fetch ${1:+--source "$1"}
 fi

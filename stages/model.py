@@ -4,6 +4,11 @@ Shapes follow the specification in the report: an image becomes X of shape (patc
 a block computes O1 = g(X^T W1) W2 across patches, transposes back, then O2 = g(O1 W3) W4 across
 features. Widths may change inside a block, so a block's output need not match its input.
 
+Activations are held as (tokens, batch, channels). In that layout token mixing is one matrix
+multiply W @ X over a contiguous (tokens, batch * channels) operand and channel mixing one over
+(tokens * batch, channels): the specification's transposes become the choice of axis, and no
+step copies a transposed tensor (docs/speed.md measures what that saves).
+
 `block: pre_norm` swaps in the residual block of MLP-Mixer (Tolstikhin et al., 2021):
 X + MLP(LayerNorm(X)^T)^T, then X + MLP(LayerNorm(X)), with a final LayerNorm and a mean over
 the patches instead of over the features.
@@ -20,17 +25,27 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(batch, 1, 28, 28) -> (batch, patches, patch_size**2), patches in row-major order."""
+    """(batch, 1, 28, 28) -> (patches, batch, patch_size**2), patches in row-major order."""
     b = images.shape[0]
     grid = IMAGE_SIZE // patch_size
     x = images.reshape(b, grid, patch_size, grid, patch_size)
-    return x.permute(0, 1, 3, 2, 4).reshape(b, grid * grid, patch_size * patch_size)
+    return x.permute(1, 3, 0, 2, 4).reshape(grid * grid, b, patch_size * patch_size)
 
 
-def mlp(width_in: int, hidden: int, width_out: int, activation: str) -> nn.Sequential:
+class TokenLinear(nn.Linear):
+    """nn.Linear along the first axis, (in, *rest) -> (out, *rest): mixes the token rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(self.in_features, -1)
+        return torch.addmm(self.bias.unsqueeze(1), self.weight, rows).view(-1, *x.shape[1:])
+
+
+def mlp(
+    width_in: int, hidden: int, width_out: int, activation: str, linear: type = nn.Linear
+) -> nn.Sequential:
     """Linear, non-linearity g, Linear: the two-layer MLP of the specification."""
     return nn.Sequential(
-        nn.Linear(width_in, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, width_out)
+        linear(width_in, hidden), ACTIVATIONS[activation](), linear(hidden, width_out)
     )
 
 
@@ -75,16 +90,20 @@ class MixerBlock(nn.Module):
         super().__init__()
         token_hidden, self.tokens_out = token_mlp
         channel_hidden, self.channels_out = channel_mlp
-        self.token_mixing = mlp(tokens, token_hidden, self.tokens_out, cfg.activation)
+        self.token_mixing = mlp(
+            tokens, token_hidden, self.tokens_out, cfg.activation, linear=TokenLinear
+        )
         self.token_norm = norm(cfg.norm, channels)  # over feature channels, as in the notebook
         self.dropout = Dropout(cfg.dropout)
         self.channel_mixing = mlp(channels, channel_hidden, self.channels_out, cfg.activation)
         self.channel_norm = norm(cfg.norm, self.tokens_out)  # over the token rows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, tokens, channels)
-        o1 = self.token_norm(self.token_mixing(x.transpose(1, 2)))  # (batch, channels, tokens')
-        o1 = self.dropout(o1.transpose(1, 2))  # (batch, tokens', channels)
-        return self.channel_norm(self.channel_mixing(o1))  # (batch, tokens', channels')
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (tokens, batch, channels)
+        o1 = self.token_mixing(x).flatten(0, 1)  # (tokens' * batch, channels)
+        o1 = self.dropout(self.token_norm(o1))  # statistics per channel
+        o2 = self.channel_mixing(o1).view(1, self.tokens_out, -1)  # (1, tokens', batch * ch')
+        o2 = self.channel_norm(o2)  # statistics per token row
+        return o2.view(self.tokens_out, x.shape[1], self.channels_out)
 
 
 class DropPath(nn.Module):
@@ -97,7 +116,7 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.p
+        keep = torch.rand(1, x.shape[1], 1, device=x.device) >= self.p  # x: (tokens, batch, ch)
         return x * keep / (1.0 - self.p)
 
 
@@ -111,15 +130,14 @@ class PreNormMixerBlock(nn.Module):
         super().__init__()
         layer_norm = nn.LayerNorm if cfg.norm == "layer" else lambda _: nn.Identity()
         self.token_norm = layer_norm(channels)
-        self.token_mixing = mlp(tokens, token_hidden, tokens, cfg.activation)
+        self.token_mixing = mlp(tokens, token_hidden, tokens, cfg.activation, linear=TokenLinear)
         self.channel_norm = layer_norm(channels)
         self.channel_mixing = mlp(channels, channel_hidden, channels, cfg.activation)
         self.dropout = Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, tokens, channels)
-        mixed = self.token_mixing(self.token_norm(x).transpose(1, 2)).transpose(1, 2)
-        x = x + self.drop_path(self.dropout(mixed))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (tokens, batch, channels)
+        x = x + self.drop_path(self.dropout(self.token_mixing(self.token_norm(x))))
         return x + self.drop_path(self.dropout(self.channel_mixing(self.channel_norm(x))))
 
 
@@ -146,7 +164,7 @@ class MixerClassifier(nn.Module):
                 tokens, channels = token_mlp[1], channel_mlp[1]
             self.head_norm = nn.Identity()
             # The notebook averages over the last (feature) axis, one value per token row.
-            self.pool_dim, pooled = -1, tokens
+            self.pool_over_features, pooled = True, tokens
         else:
             for i, ((token_hidden, _), (channel_hidden, _)) in enumerate(
                 zip(cfg.token_mlp, cfg.channel_mlp, strict=True)
@@ -158,14 +176,15 @@ class MixerClassifier(nn.Module):
                     )
                 )
             self.head_norm = nn.LayerNorm(channels) if cfg.norm == "layer" else nn.Identity()
-            self.pool_dim, pooled = 1, channels  # mean over the patches
+            self.pool_over_features, pooled = False, channels  # mean over the patches
         self.blocks = nn.Sequential(*blocks)
         self.classifier = nn.Linear(pooled, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.stem(patchify(images, self.patch_size))  # (batch, patches, features)
+        x = self.stem(patchify(images, self.patch_size))  # (patches, batch, features)
         x = self.head_norm(self.blocks(x))
-        return self.classifier(x.mean(dim=self.pool_dim))  # logits; softmax lives in the loss
+        pooled = x.mean(dim=2).t() if self.pool_over_features else x.mean(dim=0)
+        return self.classifier(pooled)  # logits; softmax lives in the loss
 
 
 def init_weights(model: nn.Module, scheme: str, std: float) -> None:

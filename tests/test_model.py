@@ -11,6 +11,7 @@ import torch
 import yaml
 from torch import nn
 
+from notebook_model import NotebookModel  # benchmarks/, on pytest's pythonpath
 from stages.config import resolve_run
 from stages.model import Dropout, MixerClassifier, count_parameters, forward_flops, patchify
 from stages.training import autocast, build_model, make_optimizer, make_scheduler
@@ -66,23 +67,35 @@ def counted_flops(model: nn.Module, images: torch.Tensor) -> int:
 # ---------------------------------------------------------------- patchify
 
 
+def notebook_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(batch, patches, pixels) cut out one patch at a time, row-major, as the notebook did."""
+    grid = 28 // patch_size
+    crops = [
+        images[:, 0, r * patch_size : (r + 1) * patch_size, c * patch_size : (c + 1) * patch_size]
+        for r in range(grid)
+        for c in range(grid)
+    ]
+    return torch.stack([crop.reshape(len(images), -1) for crop in crops], dim=1)
+
+
 def test_patchify_shape_and_row_major_patches():
     images = torch.randn(2, 1, 28, 28)
     patches = patchify(images, 4)
-    assert patches.shape == (2, 49, 16)
+    assert patches.shape == (49, 2, 16)  # token-major: (patches, batch, pixels)
     for b in range(2):
         for k in (0, 1, 6, 7, 8, 20, 42, 48):
             row, col = divmod(k, 7)
             crop = images[b, 0, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4]
-            assert torch.equal(patches[b, k], crop.reshape(16)), (b, k)
+            assert torch.equal(patches[k, b], crop.reshape(16)), (b, k)
+    assert torch.equal(patches.transpose(0, 1), notebook_patches(images, 4))
 
 
 def test_patchify_other_patch_size_keeps_every_pixel_once():
     images = torch.arange(2 * 28 * 28, dtype=torch.float32).reshape(2, 1, 28, 28)
     patches = patchify(images, 7)
-    assert patches.shape == (2, 16, 49)
+    assert patches.shape == (16, 2, 49)
     # patch 5 of image 1: grid row 1, column 1
-    assert torch.equal(patches[1, 5], images[1, 0, 7:14, 7:14].reshape(49))
+    assert torch.equal(patches[5, 1], images[1, 0, 7:14, 7:14].reshape(49))
     assert torch.equal(patches.flatten().sort().values, images.flatten().sort().values)
 
 
@@ -193,7 +206,7 @@ def test_per_block_widths_are_honoured(params):
     model.eval()
     x = torch.rand(4, 1, 28, 28)
     assert model(x).shape == (4, 10)
-    assert model.blocks(model.stem(patchify(x, 4))).shape == (4, 10, 30)
+    assert model.blocks(model.stem(patchify(x, 4))).shape == (10, 4, 30)  # (tokens, batch, ch)
     assert counted_flops(model, x) == forward_flops(cfg.model)
 
 
@@ -205,6 +218,36 @@ def test_token_widths_per_block_with_shared_channel_widths(params):
     assert model.classifier.in_features == 10
     model.eval()
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+# ---------------------------------------------------------------- the notebook's layout
+
+
+def linear_on(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return nn.functional.linear(x, layer.weight, layer.bias)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_token_major_layout_computes_the_notebooks_model(params, train):
+    """Same outputs, gradients and BatchNorm running statistics as the notebook's layout, which
+    the speed benchmark's seed-style paths train (two blocks with changing widths; dropout off in
+    training, since each layout draws its own masks)."""
+    cfg = config(
+        params, blocks=2, preset={"token_mlp": [[32, 20], [16, 10]], "dropout": 0.0}
+    )
+    torch.manual_seed(0)
+    model = MixerClassifier(cfg.model).double().train(train)
+    reference = NotebookModel(copy.deepcopy(model))
+    images = torch.rand(8, 1, 28, 28, dtype=torch.float64)
+    labels = torch.arange(8) % 10
+    ours, theirs = model(images), reference(images)
+    assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+    nn.functional.cross_entropy(ours, labels).backward()
+    nn.functional.cross_entropy(theirs, labels).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), name
+    for (name, b), c in zip(model.named_buffers(), reference.buffers(), strict=True):
+        assert torch.allclose(b.double(), c.double(), rtol=1e-10, atol=1e-12), name
 
 
 # ---------------------------------------------------------------- architecture options
@@ -471,7 +514,7 @@ def test_pre_norm_block_is_residual_in_both_mixings(params):
     """With both MLPs' output layers zeroed, a block must be the identity."""
     cfg = mixer_config(params, blocks=1)
     block = MixerClassifier(cfg.model).blocks[0].eval()
-    x = torch.randn(2, 49, 128)
+    x = torch.randn(49, 2, 128)  # (tokens, batch, channels)
     for mixing in (block.token_mixing, block.channel_mixing):
         nn.init.zeros_(mixing[2].weight)
         nn.init.zeros_(mixing[2].bias)
@@ -479,8 +522,24 @@ def test_pre_norm_block_is_residual_in_both_mixings(params):
     nn.init.normal_(block.token_mixing[2].weight)  # token branch only: mixes across patches
     y = block(x)
     x2 = x.clone()
-    x2[:, 0] += 1.0  # change patch 0 only
-    assert not torch.allclose(block(x2)[:, 1], y[:, 1])  # patch 1 feels it
+    x2[0] += 1.0  # change patch 0 only
+    assert not torch.allclose(block(x2)[1], y[1])  # patch 1 feels it
+
+
+def test_pre_norm_mixer_computes_the_papers_layout(params):
+    """The token-major Mixer equals MLP-Mixer written in (batch, tokens, channels)."""
+    cfg = mixer_config(params, blocks=2)
+    torch.manual_seed(0)
+    model = MixerClassifier(cfg.model).double().eval()
+    images = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    x = model.stem(notebook_patches(images, 4))
+    for block in model.blocks:
+        first, gelu, second = block.token_mixing
+        hidden = gelu(linear_on(block.token_norm(x).transpose(1, 2), first))
+        x = x + linear_on(hidden, second).transpose(1, 2)
+        x = x + block.channel_mixing(block.channel_norm(x))
+    expected = model.classifier(model.head_norm(x).mean(dim=1))
+    assert torch.allclose(model(images), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_pre_norm_without_norm_has_no_layernorm(params):
@@ -493,12 +552,12 @@ def test_drop_path_rates_grow_with_depth_and_act_only_in_training(params):
     model = MixerClassifier(cfg.model)
     assert [b.drop_path.p for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2])
     drop = model.blocks[2].drop_path
-    x = torch.ones(2000, 3, 4)
+    x = torch.ones(3, 2000, 4)  # (tokens, batch, channels)
     torch.manual_seed(0)
     out = drop.train()(x)
-    per_sample = out[:, 0, 0]
+    per_sample = out[0, :, 0]
     assert per_sample.unique().tolist() == pytest.approx([0.0, 1 / 0.8])
-    assert (out == out[:, :1, :1]).all()  # the whole sample's branch is kept or dropped
+    assert (out == out[:1, :, :1]).all()  # the whole sample's branch is kept or dropped
     assert abs((per_sample == 0).float().mean().item() - 0.2) < 0.03
     assert torch.equal(drop.eval()(x), x)
 
