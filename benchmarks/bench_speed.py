@@ -4,8 +4,10 @@
       the notebook's layout and torch's nn.Dropout (`notebook_model.py`), as the report trained;
   (b) plain eager loop over in-memory tensors, `.item()` every step, as (a) otherwise;
   (c) the project's path: `stages.training.train_epoch` (data on the device, no per-step sync,
-      token-major layout, `stages.model.Dropout`), and to show what each of those two changes
-      gives, (c0) the same with torch's nn.Dropout and (c1) the same in the notebook's layout;
+      token-major layout, `stages.model.Dropout`, freed memory kept by malloc), and to show
+      what each of those three changes gives, (c0) the same with torch's nn.Dropout, (c1) in the
+      notebook's layout and (c2) with glibc's default malloc settings (timed first, as
+      `keep_freed_memory` lasts for the process; so are (a) and (b));
   with --compile (d) the same under torch.compile, with --bf16 (e) the same with bf16 autocast
   (AMX on recent x86 CPUs, tensor cores on GPUs), and with both (f) (e) under torch.compile.
 
@@ -39,7 +41,14 @@ from notebook_model import NotebookModel  # benchmarks/, the script's folder
 from stages.config import resolve_run
 from stages.data import load_dataset
 from stages.model import Dropout, forward_flops
-from stages.training import allow_tf32, build_model, fit, make_optimizer, train_epoch
+from stages.training import (
+    allow_tf32,
+    build_model,
+    fit,
+    keep_freed_memory,
+    make_optimizer,
+    train_epoch,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 60_000
@@ -216,9 +225,14 @@ def main() -> None:
         "(b) plain eager, in-memory": (
             plain_eager(cfg, train.images, train.labels, device, args.steps, args.warmup), "fp32"
         ),
+    }
+    default_malloc = project()
+    keep_freed_memory()  # as `fit` does, from here on
+    results |= {
         "(c) project path": (project(), "fp32"),
         "(c0) (c) with torch's nn.Dropout": (project(with_torch_dropout), "fp32"),
         "(c1) (c) in the notebook's layout": (project(notebook_layout), "fp32"),
+        "(c2) (c) with glibc's malloc defaults": (default_malloc, "fp32"),
     }
     if args.compile:
         seconds, warmup_seconds = project_path(
@@ -243,7 +257,7 @@ def main() -> None:
         epoch = seconds / args.steps * steps_per_epoch
         gflops = flops_per_step * args.steps / seconds / 1e9
         print(
-            f"{name:34s} {epoch:7.1f} s/epoch (extrapolated)  {gflops:6.1f} GFLOP/s "
+            f"{name:38s} {epoch:7.1f} s/epoch (extrapolated)  {gflops:6.1f} GFLOP/s "
             f"({gflops / peaks['fp32']:5.1%} of fp32 peak"
             + (f", {gflops / peaks['bf16']:5.1%} of bf16 peak" if precision == "bf16" else "")
             + f")  {base / seconds:4.2f}x vs (a)"

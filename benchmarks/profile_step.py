@@ -13,7 +13,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from stages.config import resolve_run
-from stages.training import autocast, build_model, make_optimizer
+from stages.training import autocast, build_model, keep_freed_memory, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +30,7 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = resolve_run(yaml.safe_load((REPO / "params.yaml").read_text()), args.run)
     cfg = replace(cfg, precision=args.precision or cfg.precision)
+    keep_freed_memory()  # as `fit` does
     model = build_model(cfg, seed=0).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     images = torch.rand(cfg.batch_size, 1, 28, 28, device=device)
