@@ -4,10 +4,11 @@
       the notebook's layout and torch's nn.Dropout (`notebook_model.py`), as the report trained;
   (b) plain eager loop over in-memory tensors, `.item()` every step, as (a) otherwise;
   (c) the project's path: `stages.training.train_epoch` (data on the device, no per-step sync,
-      token-major layout, `stages.model.Dropout`, freed memory kept by malloc), and to show
-      what each of those three changes gives, (c0) the same with torch's nn.Dropout, (c1) in the
-      notebook's layout and (c2) with glibc's default malloc settings (timed first, as
-      `keep_freed_memory` lasts for the process; so are (a) and (b));
+      token-major layout, `stages.model.Dropout`, freed memory kept by malloc, oneDNN Linear),
+      and to show what each of those changes gives, (c0) the same with torch's nn.Dropout, (c1)
+      in the notebook's layout, (c2) with glibc's default malloc settings (timed first, as
+      `keep_freed_memory` lasts for the process; so are (a) and (b)) and (c3) with torch's
+      nn.Linear (MKL) instead of the project's oneDNN Linear;
   with --compile (d) the same under torch.compile, with --bf16 (e) the same with bf16 autocast
   (AMX on recent x86 CPUs, tensor cores on GPUs), and with both (f) (e) under torch.compile.
 
@@ -40,7 +41,7 @@ from torchvision import datasets, transforms
 from notebook_model import NotebookModel  # benchmarks/, the script's folder
 from stages.config import resolve_run
 from stages.data import load_dataset
-from stages.model import Dropout, forward_flops
+from stages.model import Dropout, Linear, forward_flops
 from stages.training import (
     allow_tf32,
     build_model,
@@ -96,8 +97,17 @@ def with_torch_dropout(model: nn.Module) -> nn.Module:
 
 
 def notebook_layout(model: nn.Module) -> nn.Module:
-    """The model in the notebook's (batch, tokens, channels) layout, with the project's Dropout."""
-    return NotebookModel(model, dropout=Dropout)
+    """The model in the notebook's (batch, tokens, channels) layout, with the project's Dropout
+    and Linear layers."""
+    return NotebookModel(model, dropout=Dropout, torch_linear=False)
+
+
+def with_torch_linear(model: nn.Module) -> nn.Module:
+    """The model with torch's own nn.Linear (MKL on x86) instead of `stages.model.Linear`."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.__class__ = nn.Linear
+    return model
 
 
 def seed_style(cfg, root: Path, device, steps: int, warmup: int) -> float:
@@ -233,6 +243,7 @@ def main() -> None:
         "(c0) (c) with torch's nn.Dropout": (project(with_torch_dropout), "fp32"),
         "(c1) (c) in the notebook's layout": (project(notebook_layout), "fp32"),
         "(c2) (c) with glibc's malloc defaults": (default_malloc, "fp32"),
+        "(c3) (c) with torch's nn.Linear": (project(with_torch_linear), "fp32"),
     }
     if args.compile:
         seconds, warmup_seconds = project_path(

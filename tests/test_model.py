@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import platform
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,15 @@ from torch import nn
 
 from notebook_model import NotebookModel  # benchmarks/, on pytest's pythonpath
 from stages.config import resolve_run
-from stages.model import Dropout, MixerClassifier, count_parameters, forward_flops, patchify
+from stages.model import (
+    ONEDNN_LINEAR,
+    Dropout,
+    Linear,
+    MixerClassifier,
+    count_parameters,
+    forward_flops,
+    patchify,
+)
 from stages.training import autocast, build_model, make_optimizer, make_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,6 +257,47 @@ def test_token_major_layout_computes_the_notebooks_model(params, train):
         assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), name
     for (name, b), c in zip(model.named_buffers(), reference.buffers(), strict=True):
         assert torch.allclose(b.double(), c.double(), rtol=1e-10, atol=1e-12), name
+
+
+def test_onednn_linear_computes_torchs_linear_in_fp32():
+    """`stages.model.Linear` runs fp32 CPU products on oneDNN: same outputs and gradients as
+    torch's linear up to fp32 rounding, for (tokens, batch, channels) inputs; bf16 autocast
+    keeps torch's path (and its bf16 output)."""
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert ONEDNN_LINEAR is not None  # torch's x86 wheels ship it: the fast path must run
+    torch.manual_seed(0)
+    layer = Linear(30, 20)
+    x = torch.randn(6, 8, 30, requires_grad=True)
+    grad = torch.randn(8, 6, 20).transpose(0, 1)  # a non-contiguous incoming gradient
+    results = []
+    for forward in (layer, lambda x: linear_on(x, layer)):
+        out = forward(x)
+        out.backward(grad)
+        results.append((out, x.grad, layer.weight.grad, layer.bias.grad))
+        x.grad = layer.weight.grad = layer.bias.grad = None
+    if ONEDNN_LINEAR is not None:
+        assert type(results[0][0].grad_fn).__name__ == "_OneDNNLinearFunctionBackward"
+    for ours, torchs in zip(*results, strict=True):
+        assert ours.shape == torchs.shape
+        assert torch.allclose(ours, torchs, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+
+
+def test_project_model_in_fp32_matches_the_notebooks_with_torchs_linear(params):
+    """The whole report model in fp32 (oneDNN Linear, token-major) against the notebook's layout
+    with torch's own linear: equal up to fp32 rounding, gradients included."""
+    cfg = config(params, blocks=2, preset={"token_mlp": [[32, 20], [16, 10]], "dropout": 0.0})
+    torch.manual_seed(0)
+    model = MixerClassifier(cfg.model)
+    reference = NotebookModel(copy.deepcopy(model))
+    images, labels = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
+    ours, theirs = model(images), reference(images)
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+    nn.functional.cross_entropy(ours, labels).backward()
+    nn.functional.cross_entropy(theirs, labels).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-5), name
 
 
 # ---------------------------------------------------------------- architecture options

@@ -189,7 +189,8 @@ def test_speed_benchmark_times_every_path(data_dir):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if "s/epoch (extrapolated)" in line]
-    assert [row.split()[0] for row in rows] == ["(a)", "(b)", "(c)", "(c0)", "(c1)", "(c2)", "(e)"]
+    names = ["(a)", "(b)", "(c)", "(c0)", "(c1)", "(c2)", "(c3)", "(e)"]
+    assert [row.split()[0] for row in rows] == names
     assert all(re.search(r"\d+\.\d\dx vs \(a\)$", row) for row in rows), rows
     assert "fp32 matmul peak" in proc.stdout and "bf16 matmul peak" in proc.stdout
 
