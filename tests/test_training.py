@@ -195,6 +195,18 @@ def test_speed_benchmark_times_every_path(data_dir):
     assert "fp32 matmul peak" in proc.stdout and "bf16 matmul peak" in proc.stdout
 
 
+
+def test_linear_shapes_benchmark_times_each_linear_both_ways():
+    """benchmarks/linear_shapes.py times every Linear of the report model, torch's and oneDNN's
+    products at the training step's shapes (the evidence behind `stages.model.Linear`)."""
+    proc = run_stage([sys.executable, "benchmarks/linear_shapes.py", "--repeats", "1"])
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    layers = {row[0] for row in rows}
+    assert layers == {"stem.0", "blocks.0.channel_mixing.0", "blocks.0.channel_mixing.2",
+                      "classifier"}, layers  # fmt: skip
+    assert all(float(row[-2]) > 0 and float(row[-1]) > 0 for row in rows), rows
+
 FAULTS_PER_STEP = """
 import resource, sys, torch
 from pathlib import Path
