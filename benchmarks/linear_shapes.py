@@ -1,23 +1,24 @@
 """Time each Linear layer of the report model's training step with torch's own products and with
-`stages.model.Linear` (oneDNN on a CPU), at the step's real shapes.
+`stages.model.Linear` and `TokenLinear` (oneDNN on a CPU), at the step's real shapes.
 
     python benchmarks/linear_shapes.py [--repeats 20] [--run final]
 
-For every Linear (the stem, the channel MLPs, the classifier) it times the forward product and
-the input-gradient product, the two that `stages.model.Linear` moves to oneDNN; the weight
-gradient stays torch's `mm` in both. Freed memory is kept as `fit` keeps it, so fresh pages do
-not blur the comparison.
+For every Linear (the stem, the token and channel MLPs, the classifier) it times the forward
+product and the input-gradient product, the two that `stages.model.Linear` and `TokenLinear`
+move to oneDNN; the weight gradient stays torch's `mm` in both. Freed memory is kept as `fit`
+keeps it, so fresh pages do not blur the comparison.
 """
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import yaml
 
 from stages.config import resolve_run
-from stages.model import ONEDNN_LINEAR, Linear
+from stages.model import ONEDNN_LINEAR, Linear, TokenLinear
 from stages.training import build_model, keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,13 +59,28 @@ def linear_inputs(cfg) -> dict[str, tuple[Linear, torch.Tensor]]:
     return captured
 
 
-def compare(name: str, layer: Linear, x: torch.Tensor, repeats: int) -> None:
-    """Print the forward and input-gradient products' times, torch's and oneDNN's."""
-    rows = x.reshape(-1, layer.in_features).contiguous()
-    grad = torch.randn(rows.shape[0], layer.out_features)
+def products(layer: Linear, x: torch.Tensor) -> dict[str, tuple[str, Callable, Callable]]:
+    """The forward and input-gradient products of `layer` on input x: (shape, torch's, oneDNN's)."""
     weight, bias = layer.weight.detach(), layer.bias.detach()
     weight_t = weight.t().contiguous()
-    products = {
+    if isinstance(layer, TokenLinear):  # along the first axis: W @ X, X = (in, batch * channels)
+        rows = x.reshape(layer.in_features, -1).contiguous()
+        grad = torch.randn(layer.out_features, rows.shape[1])
+        return {
+            "forward": (
+                f"W @ {tuple(rows.shape)}",
+                lambda: torch.addmm(bias.unsqueeze(1), weight, rows),
+                lambda: ONEDNN_LINEAR(weight, rows.t(), None, "none", [], "").add_(bias[:, None]),
+            ),
+            "dgrad": (
+                f"W^T @ {tuple(grad.shape)}",
+                lambda: torch.mm(weight.t(), grad),
+                lambda: ONEDNN_LINEAR(weight_t, grad.t(), None, "none", [], ""),
+            ),
+        }
+    rows = x.reshape(-1, layer.in_features).contiguous()
+    grad = torch.randn(rows.shape[0], layer.out_features)
+    return {
         "forward": (
             f"{tuple(rows.shape)} @ W^T",
             lambda: torch.addmm(bias, rows, weight.t()),
@@ -76,7 +92,11 @@ def compare(name: str, layer: Linear, x: torch.Tensor, repeats: int) -> None:
             lambda: ONEDNN_LINEAR(grad, weight_t, None, "none", [], ""),
         ),
     }
-    for product, (shape, torchs, onednn) in products.items():
+
+
+def compare(name: str, layer: Linear, x: torch.Tensor, repeats: int) -> None:
+    """Print the forward and input-gradient products' times, torch's and oneDNN's."""
+    for product, (shape, torchs, onednn) in products(layer, x).items():
         print(
             f"{name:28s} {product:8s} {shape:24s} {seconds(torchs, repeats) * 1e3:7.2f} "
             f"{seconds(onednn, repeats) * 1e3:7.2f}"

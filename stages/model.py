@@ -43,6 +43,21 @@ def _find_onednn_linear():
 ONEDNN_LINEAR = _find_onednn_linear()
 
 
+def _onednn_applies(x: torch.Tensor) -> bool:
+    """fp32 on a CPU with autocast off: where oneDNN's products beat torch's own (MKL)."""
+    return (
+        ONEDNN_LINEAR is not None
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """a @ b_t^T on oneDNN; a: (m, k) contiguous rows, b_t: (n, k), any strides (read in place)."""
+    return ONEDNN_LINEAR(a, b_t, None, "none", [], "")
+
+
 class _OneDNNLinearFunction(torch.autograd.Function):
     """y = x W^T + b with the forward and input-gradient products on oneDNN, the weight gradient
     on torch's mm (which runs it at full speed already)."""
@@ -59,12 +74,41 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         grad_rows = grad.reshape(-1, grad.shape[-1]).contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = ONEDNN_LINEAR(grad_rows, weight.t().contiguous(), None, "none", [], "")
-            grad_x = grad_x.view(x.shape)
+            grad_x = _onednn_mm(grad_rows, weight.t().contiguous()).view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_weight = grad_rows.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class _OneDNNTokenLinearFunction(torch.autograd.Function):
+    """Y = W X + b over the first axis of x, X = x as (in, rest), on oneDNN.
+
+    oneDNN computes W X as (W) (X^T)^T, reading the token-major X in place as the transposed
+    operand; that ran the report model's token-mixing products 1.5-1.7x faster than torch's
+    addmm/mm (MKL) at the step's shapes (docs/speed.md). The weight gradient stays torch's mm.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        rows = x.reshape(weight.shape[1], -1)  # (in, batch * channels)
+        ctx.save_for_backward(rows, weight)
+        ctx.x_shape = x.shape
+        out = _onednn_mm(weight, rows.t()).add_(bias.unsqueeze(1))
+        return out.view(-1, *x.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight = ctx.saved_tensors
+        grad_rows = grad.reshape(weight.shape[0], -1)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_mm(weight.t().contiguous(), grad_rows.t()).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_rows.mm(rows.t())
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(1)
         return grad_x, grad_weight, grad_bias
 
 
@@ -74,24 +118,24 @@ class Linear(nn.Linear):
     The same function and parameters. MKL 2024.2 runs some of the report model's shapes at half
     the machine's speed (the channel MLP's input gradient, (15360 x 200) @ (200 x 300): 20.7 ms
     against 10.2 ms on oneDNN, AMD EPYC, 2 threads; docs/speed.md). Other devices and dtypes,
-    and bf16 autocast (which already uses oneDNN), take torch's own path.
+    and bf16 autocast (which already uses oneDNN), take torch's own path, as does any layer
+    with `onednn = False` (the benchmark's comparison).
     """
 
+    onednn = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            ONEDNN_LINEAR is not None
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-        ):
+        if self.onednn and _onednn_applies(x):
             return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return super().forward(x)
 
 
-class TokenLinear(nn.Linear):
-    """nn.Linear along the first axis, (in, *rest) -> (out, *rest): mixes the token rows."""
+class TokenLinear(Linear):
+    """Linear along the first axis, (in, *rest) -> (out, *rest): mixes the token rows."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn and _onednn_applies(x):
+            return _OneDNNTokenLinearFunction.apply(x, self.weight, self.bias)
         rows = x.reshape(self.in_features, -1)
         return torch.addmm(self.bias.unsqueeze(1), self.weight, rows).view(-1, *x.shape[1:])
 

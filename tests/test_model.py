@@ -19,6 +19,7 @@ from stages.model import (
     Dropout,
     Linear,
     MixerClassifier,
+    TokenLinear,
     count_parameters,
     forward_flops,
     patchify,
@@ -267,27 +268,37 @@ def test_token_major_layout_computes_the_notebooks_model(
         assert torch.allclose(b.double(), c.double(), rtol=rtol, atol=atol), name
 
 
-def test_onednn_linear_computes_torchs_linear_in_fp32():
-    """`stages.model.Linear` runs fp32 CPU products on oneDNN: same outputs and gradients as
-    torch's linear up to fp32 rounding, for (tokens, batch, channels) inputs; bf16 autocast
-    keeps torch's path (and its bf16 output)."""
+@pytest.mark.parametrize(
+    "layer_type, backward_name",
+    [
+        (Linear, "_OneDNNLinearFunctionBackward"),
+        (TokenLinear, "_OneDNNTokenLinearFunctionBackward"),
+    ],
+)
+def test_onednn_linear_computes_torchs_linear_in_fp32(layer_type, backward_name):
+    """`Linear` (along the last axis) and `TokenLinear` (along the first) run fp32 CPU products on
+    oneDNN: same outputs and gradients as torch's own path (`onednn = False`) up to fp32
+    rounding, for (tokens, batch, channels) inputs; bf16 autocast keeps torch's path."""
     if platform.machine() in ("x86_64", "AMD64"):
         assert ONEDNN_LINEAR is not None  # torch's x86 wheels ship it: the fast path must run
     torch.manual_seed(0)
-    layer = Linear(30, 20)
-    x = torch.randn(6, 8, 30, requires_grad=True)
-    grad = torch.randn(8, 6, 20).transpose(0, 1)  # a non-contiguous incoming gradient
+    layer = layer_type(30, 20)
+    x = torch.randn(30, 8, 30, requires_grad=True)
+    out_shape = layer(x).shape
+    grad = torch.randn(out_shape[::-1]).permute(2, 1, 0)  # a non-contiguous incoming gradient
     results = []
-    for forward in (layer, lambda x: linear_on(x, layer)):
-        out = forward(x)
+    for onednn in (True, False):
+        layer.onednn = onednn
+        out = layer(x)
         out.backward(grad)
         results.append((out, x.grad, layer.weight.grad, layer.bias.grad))
         x.grad = layer.weight.grad = layer.bias.grad = None
-    if ONEDNN_LINEAR is not None:
-        assert type(results[0][0].grad_fn).__name__ == "_OneDNNLinearFunctionBackward"
+        if onednn and ONEDNN_LINEAR is not None:
+            assert type(out.grad_fn).__name__ == backward_name
     for ours, torchs in zip(*results, strict=True):
         assert ours.shape == torchs.shape
         assert torch.allclose(ours, torchs, rtol=1e-5, atol=1e-5)
+    layer.onednn = True
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16
 

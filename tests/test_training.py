@@ -203,7 +203,8 @@ def test_linear_shapes_benchmark_times_each_linear_both_ways():
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines()[2:]]
     layers = {row[0] for row in rows}
-    assert layers == {"stem.0", "blocks.0.channel_mixing.0", "blocks.0.channel_mixing.2",
+    assert layers == {"stem.0", "blocks.0.token_mixing.0", "blocks.0.token_mixing.2",
+                      "blocks.0.channel_mixing.0", "blocks.0.channel_mixing.2",
                       "classifier"}, layers  # fmt: skip
     assert all(float(row[-2]) > 0 and float(row[-1]) > 0 for row in rows), rows
 
