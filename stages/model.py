@@ -44,12 +44,14 @@ ONEDNN_LINEAR = _find_onednn_linear()
 
 
 def _onednn_applies(x: torch.Tensor) -> bool:
-    """fp32 on a CPU with autocast off: where oneDNN's products beat torch's own (MKL)."""
+    """fp32 on a CPU with autocast off, eager: where oneDNN's products beat torch's own (MKL).
+    Under torch.compile, inductor picks the kernels (it cannot lower this call)."""
     return (
         ONEDNN_LINEAR is not None
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
     )
 
 

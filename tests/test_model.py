@@ -682,3 +682,13 @@ def test_mixer_training_step_learns(params, precision):
         losses.append(loss.item())
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_linear_layers_compile_with_inductor():
+    """Under torch.compile, `Linear` and `TokenLinear` leave the kernels to inductor (which cannot
+    lower the oneDNN call: the benchmark's compiled path failed with it) and compute the same."""
+    torch.manual_seed(0)
+    layers = nn.Sequential(TokenLinear(6, 5), Linear(4, 3))
+    x = torch.randn(6, 2, 4)
+    compiled = torch.compile(layers, backend="inductor")
+    assert torch.allclose(compiled(x), layers(x), rtol=1e-5, atol=1e-6)
