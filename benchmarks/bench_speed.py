@@ -4,19 +4,24 @@
       the notebook's layout and torch's nn.Dropout (`notebook_model.py`), as the report trained;
   (b) plain eager loop over in-memory tensors, `.item()` every step, as (a) otherwise;
   (c) the project's path: `stages.training.train_epoch` (data on the device, no per-step sync,
-      token-major layout, `stages.model.Dropout`, freed memory kept by malloc, oneDNN Linear),
+      token-major layout, `stages.model.Dropout`, freed memory kept by malloc, oneDNN products),
       and to show what each of those changes gives, (c0) the same with torch's nn.Dropout, (c1)
-      in the notebook's layout, (c2) with glibc's default malloc settings (timed first, as
-      `keep_freed_memory` lasts for the process; so are (a) and (b)) and (c3) with torch's
-      nn.Linear (MKL) instead of the project's oneDNN Linear;
+      in the notebook's layout, (c2) with glibc's default malloc settings and (c3) with torch's
+      own products (MKL) instead of oneDNN's;
   with --compile (d) the same under torch.compile, with --bf16 (e) the same with bf16 autocast
   (AMX on recent x86 CPUs, tensor cores on GPUs), and with both (f) (e) under torch.compile.
 
 Also measures the machine's fp32 matrix-multiply peak (the best of five rounds of 2048x2048
 `torch.mm`) and prints achieved GFLOP/s (the model's Linear-layer FLOPs, forward + backward =
 3x forward) and ratios.
-Each path runs `--steps` optimizer steps after `--warmup` steps; an epoch is extrapolated from
-them (60,000 images / batch) and labelled so. Needs only torch, torchvision and pyyaml.
+
+Timing: every path warms up (`--warmup` steps), then runs `--rounds` rounds of `--steps`
+optimizer steps, the paths taking turns within each round, so that a slow spell of a shared
+machine falls on all of them; each row shows the median round (and the range), extrapolated to
+an epoch of 60,000 images and labelled so. glibc's malloc settings last for the process, so
+(c2) is timed first on its own; `keep_freed_memory` then holds for every other path, (a) and
+(b) included (it makes them faster too: the baseline is not handicapped by it).
+Needs only torch, torchvision and pyyaml.
 
     python benchmarks/bench_speed.py                  # CPU
     python benchmarks/bench_speed.py --device cuda    # GPU, if present
@@ -27,9 +32,12 @@ dvclive, no checkpoints) and prints each run's wall time and test accuracy.
 """
 
 import argparse
+import itertools
 import os
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -111,88 +119,109 @@ def with_torch_linear(model: nn.Module) -> nn.Module:
     return model
 
 
-def seed_style(cfg, root: Path, device, steps: int, warmup: int) -> float:
-    """(a): seconds for `steps` steps of a DataLoader loop, as the notebook trained."""
+def seed_style(cfg, root: Path, device, warmup: int) -> Callable[[int], float]:
+    """(a): a DataLoader loop as the notebook trained; returns `time_steps(n)` -> seconds."""
     dataset = datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor())
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=2, persistent_workers=True
     )
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch
     model = NotebookModel(build_model(cfg, seed=0)).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    running_loss, correct, start = 0.0, 0, None
-    for step, (images, labels) in enumerate(loader):
-        if step == warmup:
-            sync(device)
-            start = time.perf_counter()
-        if step == warmup + steps:
-            break
-        images, labels = images.to(device), labels.to(device)
-        optimizer.zero_grad()
-        logits = model(images)
-        loss = loss_fn(logits, labels)
-        loss.backward()
-        optimizer.step()
-        running_loss += loss.item()
-        correct += (logits.argmax(1) == labels).sum().item()
-    sync(device)
-    return time.perf_counter() - start
+    running_loss, correct = 0.0, 0
+
+    def time_steps(n: int) -> float:
+        nonlocal running_loss, correct
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            images, labels = next(batches)
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            logits = model(images)
+            loss = loss_fn(logits, labels)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            correct += (logits.argmax(1) == labels).sum().item()
+        sync(device)
+        return time.perf_counter() - start
+
+    time_steps(warmup)
+    return time_steps
 
 
-def plain_eager(cfg, images, labels, device, steps: int, warmup: int) -> float:
+def plain_eager(cfg, images, labels, device, warmup: int) -> Callable[[int], float]:
     """(b): in-memory tensors, a per-step `.item()` for the running loss."""
     model = NotebookModel(build_model(cfg, seed=0)).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    order = torch.randperm(len(labels), device=device)
-    running_loss = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            sync(device)
-            start = time.perf_counter()
-        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-        optimizer.zero_grad()
-        loss = loss_fn(model(images[idx]), labels[idx])
-        loss.backward()
-        optimizer.step()
-        running_loss += loss.item()
-    sync(device)
-    return time.perf_counter() - start
+    batches = torch.randperm(len(labels), device=device).split(cfg.batch_size)
+    step, running_loss = 0, 0.0
+
+    def time_steps(n: int) -> float:
+        nonlocal step, running_loss
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            idx = batches[step % (len(batches) - 1)]  # whole batches only
+            step += 1
+            optimizer.zero_grad()
+            loss = loss_fn(model(images[idx]), labels[idx])
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+        sync(device)
+        return time.perf_counter() - start
+
+    time_steps(warmup)
+    return time_steps
 
 
 def project_path(
-    cfg, train, device, steps: int, warmup: int, compiled: bool = False, variant=None
-):
-    """(c): the project's `train_epoch`, on a slice of exactly warmup + steps batches.
+    cfg, train, device, warmup: int, compiled: bool = False, variant=None
+) -> tuple[Callable[[int], float], float]:
+    """(c): the project's `train_epoch`, each call on a slice of exactly n batches.
 
-    `variant` rebuilds the model another way (c0, c1). With `compiled`, the model runs under
-    `torch.compile`; the warm-up (which compiles) is timed and returned too, so the compile
-    cost is reported, not hidden.
+    `variant` rebuilds the model another way (c0, c1, c3). With `compiled`, the model runs
+    under `torch.compile`. Returns `time_steps(n)` and the warm-up's seconds, which include the
+    compilation, so the compile cost is reported, not hidden.
     """
     model = build_model(cfg, seed=0)
     model = (variant(model) if variant else model).to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     step_model = torch.compile(model) if compiled else model
     shuffle = torch.Generator().manual_seed(0)
-    n = cfg.batch_size
-    sync(device)
-    start = time.perf_counter()
-    train_epoch(step_model, optimizer, train.head(warmup * n), cfg, shuffle)  # warm-up
-    sync(device)
-    warmup_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    train_epoch(step_model, optimizer, train.head(steps * n), cfg, shuffle)
-    sync(device)
-    return time.perf_counter() - start, warmup_seconds
+
+    def time_steps(n: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        train_epoch(step_model, optimizer, train.head(n * cfg.batch_size), cfg, shuffle)
+        sync(device)
+        return time.perf_counter() - start
+
+    return time_steps, time_steps(warmup)
+
+
+def time_in_rounds(paths: dict, steps: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds of `steps` steps of each path, round after round, the paths taking turns within
+    a round, so a slow spell of a shared machine hits every path rather than one."""
+    seconds = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, (time_steps, _precision) in paths.items():
+            seconds[name].append(time_steps(steps))
+    return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / "data" / "fashion-mnist")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per path per round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time (c) compiled")
     parser.add_argument(
@@ -223,56 +252,57 @@ def main() -> None:
         print(f"{precision} matmul peak (best of 5 x 4 2048x2048 torch.mm): {peak:.1f} GFLOP/s")
     print(
         f"report model: {flops_per_step * steps_per_epoch / 1e12:.2f} TFLOP per epoch; "
-        f"{args.steps} timed steps of batch {cfg.batch_size} per path, "
-        f"epoch = {steps_per_epoch:.1f} steps (extrapolated)"
+        f"{args.rounds} rounds of {args.steps} timed steps of batch {cfg.batch_size} per path, "
+        f"the paths taking turns; epoch = {steps_per_epoch:.1f} steps (extrapolated from the "
+        "median round)"
     )
-    def project(variant=None) -> float:
-        return project_path(cfg, train, device, args.steps, args.warmup, variant=variant)[0]
 
-    results = {  # name: (seconds for the timed steps, precision of the matrix multiplies)
-        "(a) seed-style DataLoader loop": (
-            seed_style(cfg, args.data, device, args.steps, args.warmup), "fp32"
-        ),
+    def project(variant=None, run_cfg=cfg, compiled=False):
+        time_steps, warmup_seconds = project_path(
+            run_cfg, train, device, args.warmup, compiled=compiled, variant=variant
+        )
+        if compiled:
+            print(f"compile + {args.warmup} warm-up steps took {warmup_seconds:.1f} s")
+        return time_steps
+
+    # glibc's malloc settings last for the process: (c2) is timed on its own, before the rest.
+    seconds = time_in_rounds(
+        {"(c2) (c) with glibc's malloc defaults": (project(), "fp32")}, args.steps, args.rounds
+    )
+    keep_freed_memory()  # as `fit` does, from here on: for (a) and (b) as well
+    paths = {  # name: (time_steps, precision of the matrix multiplies)
+        "(a) seed-style DataLoader loop": (seed_style(cfg, args.data, device, args.warmup), "fp32"),
         "(b) plain eager, in-memory": (
-            plain_eager(cfg, train.images, train.labels, device, args.steps, args.warmup), "fp32"
+            plain_eager(cfg, train.images, train.labels, device, args.warmup), "fp32"
         ),
-    }
-    default_malloc = project()
-    keep_freed_memory()  # as `fit` does, from here on
-    results |= {
         "(c) project path": (project(), "fp32"),
         "(c0) (c) with torch's nn.Dropout": (project(with_torch_dropout), "fp32"),
         "(c1) (c) in the notebook's layout": (project(notebook_layout), "fp32"),
-        "(c2) (c) with glibc's malloc defaults": (default_malloc, "fp32"),
         "(c3) (c) with torch's nn.Linear": (project(with_torch_linear), "fp32"),
     }
     if args.compile:
-        seconds, warmup_seconds = project_path(
-            cfg, train, device, args.steps, args.warmup, compiled=True
-        )
-        results["(d) (c) under torch.compile"] = (seconds, "fp32")
-        print(f"(d) compile + {args.warmup} warm-up steps took {warmup_seconds:.1f} s")
+        paths["(d) (c) under torch.compile"] = (project(compiled=True), "fp32")
     if args.bf16:
         bf16 = replace(cfg, precision="bf16")
-        results["(e) (c) with bf16 autocast"] = (
-            project_path(bf16, train, device, args.steps, args.warmup)[0],
-            "bf16",
-        )
+        paths["(e) (c) with bf16 autocast"] = (project(run_cfg=bf16), "bf16")
         if args.compile:
-            seconds, warmup_seconds = project_path(
-                bf16, train, device, args.steps, args.warmup, compiled=True
-            )
-            results["(f) (e) under torch.compile"] = (seconds, "bf16")
-            print(f"(f) compile + {args.warmup} warm-up steps took {warmup_seconds:.1f} s")
-    base = results["(a) seed-style DataLoader loop"][0]
-    for name, (seconds, precision) in results.items():
-        epoch = seconds / args.steps * steps_per_epoch
-        gflops = flops_per_step * args.steps / seconds / 1e9
+            paths["(f) (e) under torch.compile"] = (project(run_cfg=bf16, compiled=True), "bf16")
+    seconds |= time_in_rounds(paths, args.steps, args.rounds)
+    precisions = {name: precision for name, (_, precision) in paths.items()}
+
+    order = ["(a)", "(b)", "(c)", "(c0)", "(c1)", "(c2)", "(c3)", "(d)", "(e)", "(f)"]
+    base = statistics.median(seconds["(a) seed-style DataLoader loop"])
+    for name in sorted(seconds, key=lambda name: order.index(name.split()[0])):
+        median = statistics.median(seconds[name])
+        per_epoch = [s / args.steps * steps_per_epoch for s in seconds[name]]
+        gflops = flops_per_step * args.steps / median / 1e9
+        precision = precisions.get(name, "fp32")
         print(
-            f"{name:38s} {epoch:7.1f} s/epoch (extrapolated)  {gflops:6.1f} GFLOP/s "
+            f"{name:38s} {statistics.median(per_epoch):6.1f} s/epoch "
+            f"({min(per_epoch):.1f}-{max(per_epoch):.1f})  {gflops:6.1f} GFLOP/s "
             f"({gflops / peaks['fp32']:5.1%} of fp32 peak"
             + (f", {gflops / peaks['bf16']:5.1%} of bf16 peak" if precision == "bf16" else "")
-            + f")  {base / seconds:4.2f}x vs (a)"
+            + f")  {base / median:4.2f}x vs (a)"
         )
     if args.grid:
         time_grid(params, data, device, args.epochs)

@@ -167,8 +167,25 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = random_int16(x.shape, x.device) >= -(2**15) + round(self.p * 2**16)
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return _DropoutFunction.apply(x, self.p)
+
+
+class _DropoutFunction(torch.autograd.Function):
+    """x * keep / (1 - p) and its gradient, each in one pass over a 0/1 mask in x's dtype (which
+    the comparison writes directly), instead of converting, scaling, then multiplying."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        keep = torch.empty_like(x, memory_format=torch.contiguous_format)
+        torch.ge(random_int16(x.shape, x.device), -(2**15) + round(p * 2**16), out=keep)
+        ctx.scale = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype).item()  # rounded as torch's
+        ctx.save_for_backward(keep)
+        return torch.addcmul(x.new_zeros(()), x, keep, value=ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.addcmul(grad.new_zeros(()), grad, keep, value=ctx.scale), None
 
 
 def random_int16(shape: torch.Size, device: torch.device) -> torch.Tensor:
