@@ -60,20 +60,29 @@ def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return ONEDNN_LINEAR(a, b_t, None, "none", [], "")
 
 
+def _relu_backward(grad: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The gradient through a ReLU from its output (None: there was no ReLU)."""
+    if out is None:
+        return grad
+    return torch.ops.aten.threshold_backward(grad.reshape(out.shape), out, 0)
+
+
 class _OneDNNLinearFunction(torch.autograd.Function):
-    """y = x W^T + b with the forward and input-gradient products on oneDNN, the weight gradient
-    on torch's mm (which runs it at full speed already)."""
+    """y = x W^T + b, then ReLU if `relu`, with the forward and input-gradient products on
+    oneDNN (the ReLU applied as the product is written), the weight gradient on torch's mm
+    (which runs it at full speed already)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, bias, relu):
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        return ONEDNN_LINEAR(rows, weight, bias, "none", [], "").view(*x.shape[:-1], -1)
+        out = ONEDNN_LINEAR(rows, weight, bias, "relu" if relu else "none", [], "")
+        ctx.save_for_backward(x, weight, out if relu else None)
+        return out.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_rows = grad.reshape(-1, grad.shape[-1]).contiguous()
+        x, weight, out = ctx.saved_tensors
+        grad_rows = _relu_backward(grad, out).reshape(-1, weight.shape[0]).contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_mm(grad_rows, weight.t().contiguous()).view(x.shape)
@@ -81,11 +90,11 @@ class _OneDNNLinearFunction(torch.autograd.Function):
             grad_weight = grad_rows.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, grad_bias, None
 
 
 class _OneDNNTokenLinearFunction(torch.autograd.Function):
-    """Y = W X + b over the first axis of x, X = x as (in, rest), on oneDNN.
+    """Y = W X + b over the first axis of x, X = x as (in, rest), then ReLU if `relu`, on oneDNN.
 
     oneDNN computes W X as (W) (X^T)^T, reading the token-major X in place as the transposed
     operand; that ran the report model's token-mixing products 1.5-1.7x faster than torch's
@@ -93,17 +102,19 @@ class _OneDNNTokenLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, relu):
         rows = x.reshape(weight.shape[1], -1)  # (in, batch * channels)
-        ctx.save_for_backward(rows, weight)
-        ctx.x_shape = x.shape
         out = _onednn_mm(weight, rows.t()).add_(bias.unsqueeze(1))
+        if relu:
+            out.relu_()
+        ctx.save_for_backward(rows, weight, out if relu else None)
+        ctx.x_shape = x.shape
         return out.view(-1, *x.shape[1:])
 
     @staticmethod
     def backward(ctx, grad):
-        rows, weight = ctx.saved_tensors
-        grad_rows = grad.reshape(weight.shape[0], -1)
+        rows, weight, out = ctx.saved_tensors
+        grad_rows = _relu_backward(grad, out).reshape(weight.shape[0], -1)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_mm(weight.t().contiguous(), grad_rows.t()).view(ctx.x_shape)
@@ -111,7 +122,7 @@ class _OneDNNTokenLinearFunction(torch.autograd.Function):
             grad_weight = grad_rows.mm(rows.t())
         if ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(1)
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, grad_bias, None
 
 
 class Linear(nn.Linear):
@@ -121,34 +132,52 @@ class Linear(nn.Linear):
     the machine's speed (the channel MLP's input gradient, (15360 x 200) @ (200 x 300): 20.7 ms
     against 10.2 ms on oneDNN, AMD EPYC, 2 threads; docs/speed.md). Other devices and dtypes,
     and bf16 autocast (which already uses oneDNN), take torch's own path, as does any layer
-    with `onednn = False` (the benchmark's comparison).
+    with `onednn = False` (the benchmark's comparison). `relu=True` adds the ReLU that follows
+    in an `MLP`: in the same pass on oneDNN.
     """
 
     onednn = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         if self.onednn and _onednn_applies(x):
-            return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
-        return super().forward(x)
+            return _OneDNNLinearFunction.apply(x, self.weight, self.bias, relu)
+        y = super().forward(x)
+        return torch.relu(y) if relu else y
 
 
 class TokenLinear(Linear):
     """Linear along the first axis, (in, *rest) -> (out, *rest): mixes the token rows."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         if self.onednn and _onednn_applies(x):
-            return _OneDNNTokenLinearFunction.apply(x, self.weight, self.bias)
+            return _OneDNNTokenLinearFunction.apply(x, self.weight, self.bias, relu)
         rows = x.reshape(self.in_features, -1)
-        return torch.addmm(self.bias.unsqueeze(1), self.weight, rows).view(-1, *x.shape[1:])
+        y = torch.addmm(self.bias.unsqueeze(1), self.weight, rows).view(-1, *x.shape[1:])
+        return torch.relu(y) if relu else y
+
+
+class MLP(nn.Sequential):
+    """Layers applied in order, as nn.Sequential (the same parameters and names), except that a
+    Linear followed by a ReLU is one call: on oneDNN the ReLU costs no pass of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers, i = list(self), 0
+        while i < len(layers):
+            fuse = (
+                isinstance(layers[i], Linear)
+                and i + 1 < len(layers)
+                and isinstance(layers[i + 1], nn.ReLU)
+            )
+            x = layers[i](x, relu=True) if fuse else layers[i](x)
+            i += 2 if fuse else 1
+        return x
 
 
 def mlp(
     width_in: int, hidden: int, width_out: int, activation: str, linear: type = Linear
-) -> nn.Sequential:
+) -> MLP:
     """Linear, non-linearity g, Linear: the two-layer MLP of the specification."""
-    return nn.Sequential(
-        linear(width_in, hidden), ACTIVATIONS[activation](), linear(hidden, width_out)
-    )
+    return MLP(linear(width_in, hidden), ACTIVATIONS[activation](), linear(hidden, width_out))
 
 
 def norm(kind: str, channels: int) -> nn.Module:
@@ -267,9 +296,9 @@ class MixerClassifier(nn.Module):
         patch_pixels = cfg.patch_size**2
         act = ACTIVATIONS[cfg.activation]
         if cfg.stem_hidden is None:
-            self.stem = nn.Sequential(Linear(patch_pixels, cfg.stem_width), act())
+            self.stem = MLP(Linear(patch_pixels, cfg.stem_width), act())
         else:
-            self.stem = nn.Sequential(
+            self.stem = MLP(
                 Linear(patch_pixels, cfg.stem_hidden),
                 act(),
                 Linear(cfg.stem_hidden, cfg.stem_width),

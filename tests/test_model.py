@@ -15,6 +15,7 @@ from torch import nn
 from notebook_model import NotebookModel  # benchmarks/, on pytest's pythonpath
 from stages.config import resolve_run
 from stages.model import (
+    MLP,
     ONEDNN_LINEAR,
     Dropout,
     Linear,
@@ -275,10 +276,12 @@ def test_token_major_layout_computes_the_notebooks_model(
         (TokenLinear, "_OneDNNTokenLinearFunctionBackward"),
     ],
 )
-def test_onednn_linear_computes_torchs_linear_in_fp32(layer_type, backward_name):
+@pytest.mark.parametrize("relu", [False, True])
+def test_onednn_linear_computes_torchs_linear_in_fp32(layer_type, backward_name, relu):
     """`Linear` (along the last axis) and `TokenLinear` (along the first) run fp32 CPU products on
-    oneDNN: same outputs and gradients as torch's own path (`onednn = False`) up to fp32
-    rounding, for (tokens, batch, channels) inputs; bf16 autocast keeps torch's path."""
+    oneDNN, with or without the ReLU that `MLP` fuses into them: same outputs and gradients as
+    torch's own path (`onednn = False`) up to fp32 rounding, for (tokens, batch, channels)
+    inputs; bf16 autocast keeps torch's path."""
     if platform.machine() in ("x86_64", "AMD64"):
         assert ONEDNN_LINEAR is not None  # torch's x86 wheels ship it: the fast path must run
     torch.manual_seed(0)
@@ -289,7 +292,7 @@ def test_onednn_linear_computes_torchs_linear_in_fp32(layer_type, backward_name)
     results = []
     for onednn in (True, False):
         layer.onednn = onednn
-        out = layer(x)
+        out = layer(x, relu=relu)
         out.backward(grad)
         results.append((out, x.grad, layer.weight.grad, layer.bias.grad))
         x.grad = layer.weight.grad = layer.bias.grad = None
@@ -298,6 +301,10 @@ def test_onednn_linear_computes_torchs_linear_in_fp32(layer_type, backward_name)
     for ours, torchs in zip(*results, strict=True):
         assert ours.shape == torchs.shape
         assert torch.allclose(ours, torchs, rtol=1e-5, atol=1e-5)
+    assert (results[0][0] == 0).any() == relu  # the ReLU ran, and only when asked
+    if ONEDNN_LINEAR is not None:  # and an MLP hands its ReLU to the product before it
+        mlp_out = MLP(layer_type(30, 20), nn.ReLU())(x)
+        assert type(mlp_out.grad_fn).__name__ == backward_name
     layer.onednn = True
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16
