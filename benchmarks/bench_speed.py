@@ -18,9 +18,9 @@ Also measures the machine's fp32 matrix-multiply peak (the best of five rounds o
 Timing: every path warms up (`--warmup` steps), then runs `--rounds` rounds of `--steps`
 optimizer steps, the paths taking turns within each round, so that a slow spell of a shared
 machine falls on all of them; each row shows the median round (and the range), extrapolated to
-an epoch of 60,000 images and labelled so. glibc's malloc settings last for the process, so
-(c2) is timed first on its own; `keep_freed_memory` then holds for every other path, (a) and
-(b) included (it makes them faster too: the baseline is not handicapped by it).
+an epoch of 60,000 images and labelled so. (a), (b) and (c2) run in a second process, with
+glibc's default malloc settings as the notebook had (`keep_freed_memory` holds for a whole
+process), taking their turn in each round when this process asks.
 Needs only torch, torchvision and pyyaml.
 
     python benchmarks/bench_speed.py                  # CPU
@@ -33,6 +33,7 @@ dvclive, no checkpoints) and prints each run's wall time and test accuracy.
 
 import argparse
 import itertools
+import multiprocessing
 import os
 import platform
 import statistics
@@ -206,13 +207,51 @@ def project_path(
     return time_steps, time_steps(warmup)
 
 
-def time_in_rounds(paths: dict, steps: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds of `steps` steps of each path, round after round, the paths taking turns within
-    a round, so a slow spell of a shared machine hits every path rather than one."""
-    seconds = {name: [] for name in paths}
+def final_run(data_dir: Path, device: torch.device):
+    """params.yaml, the report's final run and its data split, on the device."""
+    allow_tf32(device)  # every path, as in `fit`
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    cfg = resolve_run(params, "final")
+    data = load_dataset(data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed)
+    return params, cfg, data
+
+
+BASELINES = {
+    "(a)": "(a) seed-style DataLoader loop",
+    "(b)": "(b) plain eager, in-memory",
+    "(c2)": "(c2) (c) with glibc's malloc defaults",
+}
+
+
+def baseline_process(conn, data_dir: Path, device_name: str, warmup: int) -> None:
+    """(a), (b) and (c2), in a process of their own where glibc's malloc keeps its default
+    settings, as in the notebook (`keep_freed_memory` holds for a whole process): each time the
+    parent sends a number of steps, it times one round of them and sends the seconds back."""
+    device = torch.device(device_name)
+    _, cfg, data = final_run(data_dir, device)
+    train = data.train.to(device)
+    paths = {
+        BASELINES["(a)"]: seed_style(cfg, data_dir, device, warmup),
+        BASELINES["(b)"]: plain_eager(cfg, train.images, train.labels, device, warmup),
+        BASELINES["(c2)"]: project_path(cfg, train, device, warmup)[0],
+    }
+    conn.send("ready")
+    while (steps := conn.recv()) is not None:
+        conn.send({name: time_steps(steps) for name, time_steps in paths.items()})
+
+
+def time_in_rounds(paths: dict, baselines, steps: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds of `steps` steps of each path, round after round; within a round the baseline
+    process times its paths, then this one times its own, one after the other, so a slow spell
+    of a shared machine hits every path rather than one."""
+    seconds = {name: [] for name in [*BASELINES.values(), *paths]}
     for _ in range(rounds):
+        baselines.send(steps)
+        for name, elapsed in baselines.recv().items():
+            seconds[name].append(elapsed)
         for name, (time_steps, _precision) in paths.items():
             seconds[name].append(time_steps(steps))
+    baselines.send(None)
     return seconds
 
 
@@ -232,10 +271,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    allow_tf32(device)  # every path below, as in `fit`
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    cfg = resolve_run(params, "final")
-    data = load_dataset(args.data, val_size=cfg.val_size, split_seed=cfg.split_seed)
+    params, cfg, data = final_run(args.data, device)
     train = data.train.to(device)
     steps_per_epoch = EPOCH_IMAGES / cfg.batch_size
     flops_per_step = 3 * forward_flops(cfg.model) * cfg.batch_size
@@ -257,6 +293,19 @@ def main() -> None:
         "median round)"
     )
 
+    spawn = multiprocessing.get_context("spawn")  # a fresh process: glibc's malloc defaults
+    baselines, child_end = spawn.Pipe()
+    child = spawn.Process(
+        target=baseline_process, args=(child_end, args.data, args.device, args.warmup)
+    )
+    child.start()
+    child_end.close()  # so that a failed child ends `recv` with EOFError instead of a hang
+    try:
+        baselines.recv()  # its paths are built and warmed up
+    except EOFError:
+        raise SystemExit("bench_speed: the baseline process failed (its error is above)") from None
+    keep_freed_memory()  # as `fit` does, in this process only
+
     def project(variant=None, run_cfg=cfg, compiled=False):
         time_steps, warmup_seconds = project_path(
             run_cfg, train, device, args.warmup, compiled=compiled, variant=variant
@@ -265,16 +314,7 @@ def main() -> None:
             print(f"compile + {args.warmup} warm-up steps took {warmup_seconds:.1f} s")
         return time_steps
 
-    # glibc's malloc settings last for the process: (c2) is timed on its own, before the rest.
-    seconds = time_in_rounds(
-        {"(c2) (c) with glibc's malloc defaults": (project(), "fp32")}, args.steps, args.rounds
-    )
-    keep_freed_memory()  # as `fit` does, from here on: for (a) and (b) as well
     paths = {  # name: (time_steps, precision of the matrix multiplies)
-        "(a) seed-style DataLoader loop": (seed_style(cfg, args.data, device, args.warmup), "fp32"),
-        "(b) plain eager, in-memory": (
-            plain_eager(cfg, train.images, train.labels, device, args.warmup), "fp32"
-        ),
         "(c) project path": (project(), "fp32"),
         "(c0) (c) with torch's nn.Dropout": (project(with_torch_dropout), "fp32"),
         "(c1) (c) in the notebook's layout": (project(notebook_layout), "fp32"),
@@ -287,11 +327,12 @@ def main() -> None:
         paths["(e) (c) with bf16 autocast"] = (project(run_cfg=bf16), "bf16")
         if args.compile:
             paths["(f) (e) under torch.compile"] = (project(run_cfg=bf16, compiled=True), "bf16")
-    seconds |= time_in_rounds(paths, args.steps, args.rounds)
+    seconds = time_in_rounds(paths, baselines, args.steps, args.rounds)
+    child.join()
     precisions = {name: precision for name, (_, precision) in paths.items()}
 
     order = ["(a)", "(b)", "(c)", "(c0)", "(c1)", "(c2)", "(c3)", "(d)", "(e)", "(f)"]
-    base = statistics.median(seconds["(a) seed-style DataLoader loop"])
+    base = statistics.median(seconds[BASELINES["(a)"]])
     for name in sorted(seconds, key=lambda name: order.index(name.split()[0])):
         median = statistics.median(seconds[name])
         per_epoch = [s / args.steps * steps_per_epoch for s in seconds[name]]
