@@ -277,7 +277,8 @@ def test_token_major_layout_computes_the_notebooks_model(
     ],
 )
 @pytest.mark.parametrize("relu", [False, True])
-def test_onednn_linear_computes_torchs_linear_in_fp32(layer_type, backward_name, relu):
+@pytest.mark.parametrize("features", [(30, 20), (20, 30)])  # both ways of the token wgrad
+def test_onednn_linear_computes_torchs_linear_in_fp32(layer_type, backward_name, relu, features):
     """`Linear` (along the last axis) and `TokenLinear` (along the first) run fp32 CPU products on
     oneDNN, with or without the ReLU that `MLP` fuses into them: same outputs and gradients as
     torch's own path (`onednn = False`) up to fp32 rounding, for (tokens, batch, channels)
@@ -285,8 +286,8 @@ def test_onednn_linear_computes_torchs_linear_in_fp32(layer_type, backward_name,
     if platform.machine() in ("x86_64", "AMD64"):
         assert ONEDNN_LINEAR is not None  # torch's x86 wheels ship it: the fast path must run
     torch.manual_seed(0)
-    layer = layer_type(30, 20)
-    x = torch.randn(30, 8, 30, requires_grad=True)
+    layer = layer_type(*features)
+    x = torch.randn(features[0], 8, features[0], requires_grad=True)
     out_shape = layer(x).shape
     grad = torch.randn(out_shape[::-1]).permute(2, 1, 0)  # a non-contiguous incoming gradient
     results = []
@@ -303,7 +304,7 @@ def test_onednn_linear_computes_torchs_linear_in_fp32(layer_type, backward_name,
         assert torch.allclose(ours, torchs, rtol=1e-5, atol=1e-5)
     assert (results[0][0] == 0).any() == relu  # the ReLU ran, and only when asked
     if ONEDNN_LINEAR is not None:  # and an MLP hands its ReLU to the product before it
-        mlp_out = MLP(layer_type(30, 20), nn.ReLU())(x)
+        mlp_out = MLP(layer_type(*features), nn.ReLU())(x)
         assert type(mlp_out.grad_fn).__name__ == backward_name
     layer.onednn = True
     with torch.autocast("cpu", dtype=torch.bfloat16):
