@@ -120,6 +120,19 @@ def with_torch_linear(model: nn.Module) -> nn.Module:
     return model
 
 
+def timer(device, run: Callable[[int], None]) -> Callable[[int], float]:
+    """`time_steps(n)`: the seconds `run(n)` takes, the device synchronised at both ends."""
+
+    def time_steps(n: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        run(n)
+        sync(device)
+        return time.perf_counter() - start
+
+    return time_steps
+
+
 def seed_style(cfg, root: Path, device, warmup: int) -> Callable[[int], float]:
     """(a): a DataLoader loop as the notebook trained; returns `time_steps(n)` -> seconds."""
     dataset = datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor())
@@ -133,10 +146,8 @@ def seed_style(cfg, root: Path, device, warmup: int) -> Callable[[int], float]:
     model.train()
     running_loss, correct = 0.0, 0
 
-    def time_steps(n: int) -> float:
+    def run(n: int) -> None:
         nonlocal running_loss, correct
-        sync(device)
-        start = time.perf_counter()
         for _ in range(n):
             images, labels = next(batches)
             images, labels = images.to(device), labels.to(device)
@@ -147,9 +158,8 @@ def seed_style(cfg, root: Path, device, warmup: int) -> Callable[[int], float]:
             optimizer.step()
             running_loss += loss.item()
             correct += (logits.argmax(1) == labels).sum().item()
-        sync(device)
-        return time.perf_counter() - start
 
+    time_steps = timer(device, run)
     time_steps(warmup)
     return time_steps
 
@@ -163,10 +173,8 @@ def plain_eager(cfg, images, labels, device, warmup: int) -> Callable[[int], flo
     batches = torch.randperm(len(labels), device=device).split(cfg.batch_size)
     step, running_loss = 0, 0.0
 
-    def time_steps(n: int) -> float:
+    def run(n: int) -> None:
         nonlocal step, running_loss
-        sync(device)
-        start = time.perf_counter()
         for _ in range(n):
             idx = batches[step % (len(batches) - 1)]  # whole batches only
             step += 1
@@ -175,9 +183,8 @@ def plain_eager(cfg, images, labels, device, warmup: int) -> Callable[[int], flo
             loss.backward()
             optimizer.step()
             running_loss += loss.item()
-        sync(device)
-        return time.perf_counter() - start
 
+    time_steps = timer(device, run)
     time_steps(warmup)
     return time_steps
 
@@ -196,14 +203,10 @@ def project_path(
     optimizer = make_optimizer(cfg, model.parameters())
     step_model = torch.compile(model) if compiled else model
     shuffle = torch.Generator().manual_seed(0)
-
-    def time_steps(n: int) -> float:
-        sync(device)
-        start = time.perf_counter()
-        train_epoch(step_model, optimizer, train.head(n * cfg.batch_size), cfg, shuffle)
-        sync(device)
-        return time.perf_counter() - start
-
+    time_steps = timer(
+        device,
+        lambda n: train_epoch(step_model, optimizer, train.head(n * cfg.batch_size), cfg, shuffle),
+    )
     return time_steps, time_steps(warmup)
 
 

@@ -4,9 +4,10 @@
     python benchmarks/linear_shapes.py [--repeats 20] [--run final]
 
 For every Linear (the stem, the token and channel MLPs, the classifier) it times the forward
-product and the input-gradient product, the two that `stages.model.Linear` and `TokenLinear`
-move to oneDNN; the weight gradient stays torch's `mm` in both. Freed memory is kept as `fit`
-keeps it, so fresh pages do not blur the comparison.
+product and the input-gradient product, both on oneDNN in `stages.model.Linear` and
+`TokenLinear` (the token layers' weight gradient is on oneDNN too, the other layers' on torch's
+`mm`; not timed here). Freed memory is kept as `fit` keeps it, so fresh pages do not blur the
+comparison.
 """
 
 import argparse
@@ -18,7 +19,7 @@ import torch
 import yaml
 
 from stages.config import resolve_run
-from stages.model import ONEDNN_LINEAR, Linear, TokenLinear
+from stages.model import ONEDNN_LINEAR, Linear, TokenLinear, _onednn_mm
 from stages.training import build_model, keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,12 +71,12 @@ def products(layer: Linear, x: torch.Tensor) -> dict[str, tuple[str, Callable, C
             "forward": (
                 f"W @ {tuple(rows.shape)}",
                 lambda: torch.addmm(bias.unsqueeze(1), weight, rows),
-                lambda: ONEDNN_LINEAR(weight, rows.t(), None, "none", [], "").add_(bias[:, None]),
+                lambda: _onednn_mm(weight, rows.t()).add_(bias[:, None]),
             ),
             "dgrad": (
                 f"W^T @ {tuple(grad.shape)}",
                 lambda: torch.mm(weight.t(), grad),
-                lambda: ONEDNN_LINEAR(weight_t, grad.t(), None, "none", [], ""),
+                lambda: _onednn_mm(weight_t, grad.t()),
             ),
         }
     rows = x.reshape(-1, layer.in_features).contiguous()
@@ -89,7 +90,7 @@ def products(layer: Linear, x: torch.Tensor) -> dict[str, tuple[str, Callable, C
         "dgrad": (
             f"{tuple(grad.shape)} @ W",
             lambda: torch.mm(grad, weight),
-            lambda: ONEDNN_LINEAR(grad, weight_t, None, "none", [], ""),
+            lambda: _onednn_mm(grad, weight_t),
         ),
     }
 
