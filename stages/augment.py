@@ -9,8 +9,9 @@ import math
 
 import torch
 from torch.nn import functional
+from torchvision.transforms import v2
 
-from stages.config import RunConfig
+from stages.config import NUM_CLASSES, RunConfig
 
 ERASE_AREA = (0.02, 0.33)  # fraction of the image erased, as torchvision's RandomErasing
 ERASE_ASPECT = (0.3, 3.3)  # height / width of the erased rectangle
@@ -77,3 +78,23 @@ def augment(images: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
 
 def augments(cfg: RunConfig) -> bool:
     return bool(cfg.crop_padding or cfg.hflip or cfg.random_erasing)
+
+
+def mix_batch(
+    images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp and/or CutMix (torchvision's; one chosen per batch when both are on) with soft
+    targets of shape (batch, classes); without either, the batch and its class indices as given.
+
+    torchvision draws one weight per batch and pairs each image with its neighbour in the batch,
+    from torch's global generator, so a seeded run stays repeatable.
+    """
+    mixers = []
+    if cfg.mixup_alpha:
+        mixers.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=NUM_CLASSES))
+    if cfg.cutmix_alpha:
+        mixers.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=NUM_CLASSES))
+    if not mixers:
+        return images, labels
+    mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+    return mix(images, labels)

@@ -17,6 +17,7 @@ import yaml
 from stages.errors import UserError
 
 IMAGE_SIZE = 28
+NUM_CLASSES = 10
 CHOICES = {
     "optimizer": ("adam", "radam", "sgd", "adamw"),
     "init": ("xavier_uniform", "normal", "kaiming_uniform", "default"),
@@ -79,6 +80,8 @@ class RunConfig:
     crop_padding: int  # augmentation: random crop of the image padded by this many pixels (0: off)
     hflip: bool  # augmentation: random horizontal flip
     random_erasing: float  # augmentation: probability of erasing a random rectangle
+    mixup_alpha: float  # batch mixing: Beta(alpha, alpha) weight of MixUp (0: off)
+    cutmix_alpha: float  # batch mixing: Beta(alpha, alpha) area kept by CutMix (0: off)
     precision: str  # fp32 | bf16: autocast of the forward pass
     epochs: int
     batch_size: int
@@ -283,6 +286,10 @@ def build_config(values: dict[str, Any], where: str = "params.yaml") -> RunConfi
         hflip=_bool(f"{where}: hflip", v["hflip"]),
         random_erasing=_float(
             f"{where}: random_erasing", v["random_erasing"], low=0.0, high=1.0, closed="[]"
+        ),
+        mixup_alpha=_float(f"{where}: mixup_alpha", v["mixup_alpha"], low=0.0, high=float("inf")),
+        cutmix_alpha=_float(
+            f"{where}: cutmix_alpha", v["cutmix_alpha"], low=0.0, high=float("inf")
         ),
         precision=_choice("precision", f"{where}: precision", v["precision"]),
         epochs=_int(f"{where}: epochs", v["epochs"]),

@@ -19,7 +19,7 @@ import itertools
 import torch
 from torch import nn
 
-from stages.config import IMAGE_SIZE, ModelConfig
+from stages.config import IMAGE_SIZE, NUM_CLASSES, ModelConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -294,7 +294,7 @@ class PreNormMixerBlock(nn.Module):
 
 
 class MixerClassifier(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_classes: int = 10):
+    def __init__(self, cfg: ModelConfig, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.patch_size = cfg.patch_size
         patch_pixels = cfg.patch_size**2

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.augment import augment, augments
+from stages.augment import augment, augments, mix_batch
 from stages.config import RunConfig
 from stages.data import Dataset, Split
 from stages.files import atomic_write
@@ -170,10 +170,11 @@ def train_epoch(
         images, labels = split.images[idx], split.labels[idx]
         if augments(cfg):
             images = augment(images, cfg)
+        images, targets = mix_batch(images, labels, cfg)
         with autocast(cfg, device):
             logits = model(images)
         loss = nn.functional.cross_entropy(
-            logits.float(), labels, label_smoothing=cfg.label_smoothing
+            logits.float(), targets, label_smoothing=cfg.label_smoothing
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -7,7 +7,14 @@ import pytest
 import torch
 import yaml
 
-from stages.augment import augment, augments, random_crop, random_erasing, random_flip
+from stages.augment import (
+    augment,
+    augments,
+    mix_batch,
+    random_crop,
+    random_erasing,
+    random_flip,
+)
 from stages.config import resolve_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,3 +93,56 @@ def test_augment_is_off_by_default_and_repeatable_under_a_seed():
     assert torch.equal(first, second)
     assert not torch.equal(first, third)
     assert not torch.equal(first, images)
+
+
+def one_hot(labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels, 10).float()
+
+
+def test_mix_batch_is_off_by_default():
+    images, labels = numbered(b=8), torch.arange(8)
+    out, targets = mix_batch(images, labels, config())
+    assert out is images and targets is labels  # class indices, untouched
+
+
+def test_mixup_blends_each_image_with_its_neighbour_and_the_targets_alike():
+    torch.manual_seed(0)
+    images, labels = numbered(b=16), torch.arange(16) % 10
+    out, targets = mix_batch(images, labels, config(mixup_alpha=0.4))
+    neighbour = images.roll(1, 0)
+    lam = ((out - neighbour) / (images - neighbour))[0, 0, 0, 0]  # one weight for the batch
+    assert 0.0 < lam < 1.0
+    assert torch.allclose(out, lam * images + (1 - lam) * neighbour, rtol=1e-4)
+    expected = lam * one_hot(labels) + (1 - lam) * one_hot(labels.roll(1, 0))
+    assert torch.allclose(targets, expected, atol=1e-5)
+
+
+def test_cutmix_pastes_one_rectangle_and_weights_the_targets_by_its_area():
+    torch.manual_seed(3)
+    images, labels = numbered(b=16), torch.arange(16) % 10
+    out, targets = mix_batch(images, labels, config(cutmix_alpha=1.0))
+    pasted = out != images  # every pixel differs from its neighbour's in `numbered`
+    assert torch.equal(out[pasted], images.roll(1, 0)[pasted])
+    rows, cols = pasted[0, 0].any(1).nonzero(), pasted[0, 0].any(0).nonzero()
+    box = pasted[0, 0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    assert box.all() and 0 < pasted[0, 0].sum() < 28 * 28  # one whole rectangle
+    assert torch.equal(pasted, pasted[:1].expand_as(pasted))  # the same box for the batch
+    kept = 1 - pasted[0, 0].float().mean()
+    expected = kept * one_hot(labels) + (1 - kept) * one_hot(labels.roll(1, 0))
+    assert torch.allclose(targets, expected, atol=1e-6)
+
+
+def test_mix_batch_is_repeatable_under_a_seed_and_picks_either_mixer_when_both_are_on():
+    cfg = config(mixup_alpha=0.4, cutmix_alpha=1.0)
+    images, labels = numbered(b=8), torch.arange(8)
+    kinds = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        first = mix_batch(images, labels, cfg)
+        torch.manual_seed(seed)
+        second = mix_batch(images, labels, cfg)
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+        changed = first[0] != images
+        pasted = torch.equal(first[0][changed], images.roll(1, 0)[changed])
+        kinds.add("cutmix" if pasted else "mixup")
+    assert kinds == {"cutmix", "mixup"}

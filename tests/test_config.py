@@ -209,6 +209,8 @@ BAD = [
     ("runs-empty", "runs", {}, ["runs", "non-empty"]),
     ("hflip-text", "hflip", "yes", ["hflip='yes'", "true or false"]),
     ("random_erasing-above-1", "random_erasing", 1.5, ["random_erasing=1.5", "[0.0, 1.0]"]),
+    ("mixup_alpha-negative", "mixup_alpha", -0.2, ["mixup_alpha=-0.2", "[0.0, inf)"]),
+    ("cutmix_alpha-text", "cutmix_alpha", "strong", ["cutmix_alpha='strong'", "a number"]),
     ("label_smoothing-1", "label_smoothing", 1.0, ["label_smoothing=1.0", "[0.0, 1.0)"]),
     ("crop_padding-negative", "crop_padding", -2, ["crop_padding=-2", ">= 0"]),
     ("warmup_epochs-negative", "warmup_epochs", -1, ["warmup_epochs=-1", ">= 0"]),

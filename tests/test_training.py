@@ -174,6 +174,26 @@ def test_selection_script_scores_on_validation_only(tmp_path, data_dir):
     assert bad.stderr.strip().splitlines() == ["error: run 'mixer': lr=-1 must be in (0.0, inf)"]
 
 
+def test_batch_mixing_trains_with_soft_targets_and_repeats_under_a_seed(tmp_path, data_dir):
+    """MixUp and CutMix on (one per batch): the loop takes soft targets; the same seed gives
+    the same model, to the last bit, and another one than without mixing."""
+    results = []
+    for i, mixing in enumerate((["mixup_alpha=0.2", "cutmix_alpha=1.0"],) * 2 + ([],)):
+        log = tmp_path / f"mix{i}.jsonl"
+        changes = ["train_limit=256", "val_size=128", *mixing]
+        proc = run_stage(
+            [sys.executable, "benchmarks/select_on_val.py", "--run", "mixer", "--epochs", "1",
+             "--data", str(data_dir), "--log", str(log)]
+            + [arg for change in changes for arg in ("--set", change)]
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        results.append(json.loads(log.read_text()))
+    mixed, again, plain = ({k: r[k] for k in ("val_accuracy", "train_accuracy")} for r in results)
+    assert 0.0 < mixed["val_accuracy"] <= 1.0
+    assert mixed == again
+    assert mixed != plain
+
+
 def test_train_stage_reruns_when_any_code_it_runs_changes():
     """DVC reruns `train` only for the files listed as its deps; a missing one would keep a
     stale cached model after, say, an augmentation fix."""
