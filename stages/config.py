@@ -95,8 +95,17 @@ class RunConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        """Rebuild a config written by `to_dict` (a resolved config file or a checkpoint)."""
+    def from_dict(cls, data: dict[str, Any], source: str) -> "RunConfig":
+        """Rebuild a config written by `to_dict` (a resolved config file or a checkpoint) read
+        from `source`; one written by another version of this code is a clear error."""
+        expected = {f.name for f in fields(cls)}
+        missing, unknown = sorted(expected - set(data)), sorted(set(data) - expected)
+        if missing or unknown:
+            raise UserError(
+                f"{source} holds a run configuration of another version of this code "
+                f"(missing: {', '.join(missing) or '-'}; unknown: {', '.join(unknown) or '-'}): "
+                "run `dvc repro` to retrain it"
+            )
         data = dict(data)
         model = dict(data.pop("model"))
         for key in ("token_mlp", "channel_mlp"):

@@ -30,7 +30,7 @@ def main() -> None:
         raise UserError(f"{args.train} holds no finished training run (model.pt, summary.json)")
     summary = json.loads(summary_file.read_text())
     saved = torch.load(model_file, map_location="cpu", weights_only=False)
-    cfg = RunConfig.from_dict(saved["config"])
+    cfg = RunConfig.from_dict(saved["config"], str(model_file))
 
     live = Live(str(args.out), dvcyaml=False, save_dvc_exp=False)
     live.log_metric("diverged", int(summary["diverged"]), plot=False)

@@ -357,7 +357,7 @@ def main() -> None:
     timing = []
     for run, r in results.items():
         summary = r.summaries[0]
-        cfg = config.RunConfig.from_dict(summary["config"])
+        cfg = config.RunConfig.from_dict(summary["config"], f"the summary of run {run}")
         flops = forward_flops(cfg.model)
         seconds = [s["seconds_per_epoch"] for s in r.summaries if s["seconds_per_epoch"]]
         timing.append(

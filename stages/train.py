@@ -16,7 +16,7 @@ from stages.training import fit, pick_device
 
 def load_run_config(path: Path) -> RunConfig:
     try:
-        return RunConfig.from_dict(json.loads(path.read_text()))
+        return RunConfig.from_dict(json.loads(path.read_text()), str(path))
     except FileNotFoundError:
         raise UserError(f"run config {path} does not exist: run `dvc repro configure`") from None
     except (json.JSONDecodeError, TypeError, KeyError) as exc:

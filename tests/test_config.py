@@ -93,7 +93,18 @@ def test_blocks_runs_differ_from_final_only_in_blocks(repo_params, run, blocks):
 def test_config_dict_round_trip(repo_params):
     for cfg in resolve_all(repo_params).values():
         text = json.dumps(cfg.to_dict(), sort_keys=True)
-        assert config.RunConfig.from_dict(json.loads(text)) == cfg
+        assert config.RunConfig.from_dict(json.loads(text), "test") == cfg
+
+
+def test_config_of_another_code_version_is_a_clear_error(repo_params):
+    data = resolve_all(repo_params)["mixer"].to_dict()
+    del data["cutmix_alpha"]
+    data["old_key"] = 1
+    with pytest.raises(config.UserError) as err:
+        config.RunConfig.from_dict(data, "runs/mixer-0/train/model.pt")
+    message = str(err.value)
+    assert message.startswith("runs/mixer-0/train/model.pt holds a run configuration of another")
+    assert "missing: cutmix_alpha; unknown: old_key" in message
 
 
 def test_run_file_unchanged_when_a_key_it_overrides_changes(tmp_path, params):
@@ -112,9 +123,8 @@ def test_run_file_unchanged_when_a_key_it_overrides_changes(tmp_path, params):
     assert json.loads((b / "final.json").read_text())["optimizer"] == "sgd"
     assert json.loads((b / "radam.json").read_text())["optimizer"] == "radam"
     # the file is exactly the resolved config
-    assert config.RunConfig.from_dict(json.loads((b / "radam.json").read_text())) == (
-        config.resolve_run(params, "radam")
-    )
+    radam = json.loads((b / "radam.json").read_text())
+    assert config.RunConfig.from_dict(radam, "radam.json") == config.resolve_run(params, "radam")
 
 
 def test_configure_replaces_an_existing_output_folder(tmp_path, params):
