@@ -557,13 +557,15 @@ def test_mixer_preset_shapes_parameters_and_flops(params):
     block = model.blocks[0]
     assert isinstance(block.token_norm, nn.LayerNorm)
     assert block.token_norm.normalized_shape == (128,)
-    assert linear_shapes(block.token_mixing) == [(49, 64), (64, 49)]
+    assert linear_shapes(model.stem) == [(16, 64), (64, 128)]
+    assert linear_shapes(block.token_mixing) == [(49, 96), (96, 49)]
     assert linear_shapes(block.channel_mixing) == [(128, 256), (256, 128)]
     assert isinstance(model.head_norm, nn.LayerNorm)
     assert model.classifier.in_features == 128  # mean over the patches, not the features
-    # stem 16*128+128; per block 2 LayerNorms + token MLP + channel MLP; head norm; classifier
-    per_block = 2 * 256 + (49 * 64 + 64 + 64 * 49 + 49) + (128 * 256 + 256 + 256 * 128 + 128)
-    assert count_parameters(model) == 16 * 128 + 128 + 3 * per_block + 256 + 128 * 10 + 10
+    # stem 16 -> 64 -> 128; per block 2 LayerNorms + token MLP + channel MLP; head norm; classifier
+    stem = 16 * 64 + 64 + 64 * 128 + 128
+    per_block = 2 * 256 + (49 * 96 + 96 + 96 * 49 + 49) + (128 * 256 + 256 + 256 * 128 + 128)
+    assert count_parameters(model) == stem + 3 * per_block + 256 + 128 * 10 + 10 == 238_909
     images = torch.rand(4, 1, 28, 28)
     assert model(images).shape == (4, 10)
     assert forward_flops(cfg.model) == counted_flops(model, images)
@@ -583,7 +585,8 @@ def test_pre_norm_block_is_residual_in_both_mixings(params):
     nn.init.normal_(block.token_mixing[2].weight)  # token branch only: mixes across patches
     y = block(x)
     x2 = x.clone()
-    x2[0] += 1.0  # change patch 0 only
+    x2[0] += torch.linspace(0.0, 1.0, 128)  # change patch 0 only (not by a constant, which
+    # the LayerNorm over its channels would remove)
     assert not torch.allclose(block(x2)[1], y[1])  # patch 1 feels it
 
 
