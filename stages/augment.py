@@ -6,6 +6,7 @@ and a resumed run (which restores that generator) continues the same sequence.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional
@@ -80,11 +81,12 @@ def augments(cfg: RunConfig) -> bool:
     return bool(cfg.crop_padding or cfg.hflip or cfg.random_erasing)
 
 
-def mix_batch(
-    images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MixUp and/or CutMix (torchvision's; one chosen per batch when both are on) with soft
-    targets of shape (batch, classes); without either, the batch and its class indices as given.
+def batch_mixer(
+    cfg: RunConfig,
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """`mix(images, labels)`: MixUp and/or CutMix (torchvision's; one chosen per batch when both
+    are on) returning soft targets of shape (batch, classes); with neither, the batch and its
+    class indices as given. Built once per epoch, called on every batch.
 
     torchvision draws one weight per batch and pairs each image with its neighbour in the batch,
     from torch's global generator, so a seeded run stays repeatable.
@@ -95,6 +97,5 @@ def mix_batch(
     if cfg.cutmix_alpha:
         mixers.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=NUM_CLASSES))
     if not mixers:
-        return images, labels
-    mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
-    return mix(images, labels)
+        return lambda images, labels: (images, labels)
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.augment import augment, augments, mix_batch
+from stages.augment import augment, augments, batch_mixer
 from stages.config import RunConfig
 from stages.data import Dataset, Split
 from stages.files import atomic_write
@@ -165,12 +165,13 @@ def train_epoch(
     order = torch.randperm(len(split), generator=shuffle).to(device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    mix_batch = batch_mixer(cfg)
     for step, start in enumerate(range(0, len(split), cfg.batch_size)):
         idx = order[start : start + cfg.batch_size]
         images, labels = split.images[idx], split.labels[idx]
         if augments(cfg):
             images = augment(images, cfg)
-        images, targets = mix_batch(images, labels, cfg)
+        images, targets = mix_batch(images, labels)
         with autocast(cfg, device):
             logits = model(images)
         loss = nn.functional.cross_entropy(

@@ -10,7 +10,7 @@ import yaml
 from stages.augment import (
     augment,
     augments,
-    mix_batch,
+    batch_mixer,
     random_crop,
     random_erasing,
     random_flip,
@@ -99,16 +99,16 @@ def one_hot(labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels, 10).float()
 
 
-def test_mix_batch_is_off_by_default():
+def test_batch_mixer_is_off_by_default():
     images, labels = numbered(b=8), torch.arange(8)
-    out, targets = mix_batch(images, labels, config())
+    out, targets = batch_mixer(config())(images, labels)
     assert out is images and targets is labels  # class indices, untouched
 
 
 def test_mixup_blends_each_image_with_its_neighbour_and_the_targets_alike():
     torch.manual_seed(0)
     images, labels = numbered(b=16), torch.arange(16) % 10
-    out, targets = mix_batch(images, labels, config(mixup_alpha=0.4))
+    out, targets = batch_mixer(config(mixup_alpha=0.4))(images, labels)
     neighbour = images.roll(1, 0)
     lam = ((out - neighbour) / (images - neighbour))[0, 0, 0, 0]  # one weight for the batch
     assert 0.0 < lam < 1.0
@@ -120,7 +120,7 @@ def test_mixup_blends_each_image_with_its_neighbour_and_the_targets_alike():
 def test_cutmix_pastes_one_rectangle_and_weights_the_targets_by_its_area():
     torch.manual_seed(3)
     images, labels = numbered(b=16), torch.arange(16) % 10
-    out, targets = mix_batch(images, labels, config(cutmix_alpha=1.0))
+    out, targets = batch_mixer(config(cutmix_alpha=1.0))(images, labels)
     pasted = out != images  # every pixel differs from its neighbour's in `numbered`
     assert torch.equal(out[pasted], images.roll(1, 0)[pasted])
     rows, cols = pasted[0, 0].any(1).nonzero(), pasted[0, 0].any(0).nonzero()
@@ -132,15 +132,15 @@ def test_cutmix_pastes_one_rectangle_and_weights_the_targets_by_its_area():
     assert torch.allclose(targets, expected, atol=1e-6)
 
 
-def test_mix_batch_is_repeatable_under_a_seed_and_picks_either_mixer_when_both_are_on():
-    cfg = config(mixup_alpha=0.4, cutmix_alpha=1.0)
+def test_batch_mixer_is_repeatable_under_a_seed_and_picks_either_mixer_when_both_are_on():
+    mix_batch = batch_mixer(config(mixup_alpha=0.4, cutmix_alpha=1.0))
     images, labels = numbered(b=8), torch.arange(8)
     kinds = set()
     for seed in range(12):
         torch.manual_seed(seed)
-        first = mix_batch(images, labels, cfg)
+        first = mix_batch(images, labels)
         torch.manual_seed(seed)
-        second = mix_batch(images, labels, cfg)
+        second = mix_batch(images, labels)
         assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
         changed = first[0] != images
         pasted = torch.equal(first[0][changed], images.roll(1, 0)[changed])

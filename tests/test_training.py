@@ -176,7 +176,7 @@ def test_selection_script_scores_on_validation_only(tmp_path, data_dir):
 
 def test_batch_mixing_trains_with_soft_targets_and_repeats_under_a_seed(tmp_path, data_dir):
     """MixUp and CutMix on (one per batch): the loop takes soft targets; the same seed gives
-    the same model, to the last bit, and another one than without mixing."""
+    exactly the same accuracies, and other ones than without mixing."""
     results = []
     for i, mixing in enumerate((["mixup_alpha=0.2", "cutmix_alpha=1.0"],) * 2 + ([],)):
         log = tmp_path / f"mix{i}.jsonl"
