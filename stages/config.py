@@ -48,6 +48,7 @@ class ModelConfig:
     norm: str
     dropout: float
     drop_path: float  # stochastic depth of the deepest pre_norm block; earlier ones scale down
+    spatial_shift: float  # pre_norm only: share of channels moved one patch before channel mixing
 
     @property
     def blocks(self) -> int:
@@ -230,10 +231,14 @@ def _model_config(name: str, preset: Any, blocks: int) -> ModelConfig:
         norm=_choice("norm", f"{where}.norm (block={block})", preset["norm"], NORMS[block]),
         dropout=_float(f"{where}.dropout", preset["dropout"], low=0.0, high=1.0),
         drop_path=_float(f"{where}.drop_path", preset["drop_path"], low=0.0, high=1.0),
+        spatial_shift=_float(
+            f"{where}.spatial_shift", preset["spatial_shift"], low=0.0, high=1.0, closed="[]"
+        ),
     )
     if block == "report":
-        if cfg.drop_path:
-            raise UserError(f"{where}.drop_path={cfg.drop_path} needs block=pre_norm (residual)")
+        for key in ("drop_path", "spatial_shift"):
+            if value := getattr(cfg, key):
+                raise UserError(f"{where}.{key}={value} needs block=pre_norm (residual)")
         return cfg
     # A residual block adds its input to its output, so no block may change the widths.
     for i, ((_, tokens_out), (_, channels_out)) in enumerate(

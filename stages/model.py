@@ -272,6 +272,25 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
+def spatial_shift(x: torch.Tensor, grid: int, group: int) -> torch.Tensor:
+    """Move four groups of `group` channels by one patch: down, up, right, left (S2-MLP, Yu et
+    al., 2022); the rest stay. A channel MLP after it sees each patch's neighbours, the local
+    view a token MLP with one weight per position lacks. No parameters, no multiply-adds.
+
+    x: (tokens, batch, channels) with tokens in row-major order on a grid x grid patch grid;
+    patches shifted in from outside the image are zero.
+    """
+    g = x.view(grid, grid, *x.shape[1:])
+    a, b, c, d = (slice(i * group, (i + 1) * group) for i in range(4))
+    out = torch.zeros_like(g)
+    out[1:, :, :, a] = g[:-1, :, :, a]  # each patch gets the values of the patch above it
+    out[:-1, :, :, b] = g[1:, :, :, b]  # ... of the patch below
+    out[:, 1:, :, c] = g[:, :-1, :, c]  # ... of the patch to its left
+    out[:, :-1, :, d] = g[:, 1:, :, d]  # ... of the patch to its right
+    out[..., 4 * group :] = g[..., 4 * group :]
+    return out.view(x.shape)
+
+
 class PreNormMixerBlock(nn.Module):
     """A residual Mixer block: token mixing, then channel mixing, each on a normalised input."""
 
@@ -287,10 +306,15 @@ class PreNormMixerBlock(nn.Module):
         self.channel_mixing = mlp(channels, channel_hidden, channels, cfg.activation)
         self.dropout = Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
+        self.grid = round(tokens**0.5)
+        self.shift_group = int(cfg.spatial_shift * channels) // 4  # channels per direction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (tokens, batch, channels)
         x = x + self.drop_path(self.dropout(self.token_mixing(self.token_norm(x))))
-        return x + self.drop_path(self.dropout(self.channel_mixing(self.channel_norm(x))))
+        y = self.channel_norm(x)
+        if self.shift_group:
+            y = spatial_shift(y, self.grid, self.shift_group)
+        return x + self.drop_path(self.dropout(self.channel_mixing(y)))
 
 
 class MixerClassifier(nn.Module):

@@ -239,6 +239,13 @@ BAD = [
         ["models.report.drop_path=0.1", "block=pre_norm"],
     ),
     (
+        "spatial_shift-on-report-block",
+        "models.report.spatial_shift",
+        0.5,
+        ["models.report.spatial_shift=0.5", "block=pre_norm"],
+    ),
+    ("spatial_shift-above-1", "models.mixer.spatial_shift", 1.5, ["shift=1.5", "[0.0, 1.0]"]),
+    (
         "pre_norm-token-width",
         "models.mixer.token_mlp",
         [64, 32],

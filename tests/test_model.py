@@ -24,6 +24,7 @@ from stages.model import (
     count_parameters,
     forward_flops,
     patchify,
+    spatial_shift,
 )
 from stages.training import autocast, build_model, make_optimizer, make_scheduler
 
@@ -604,6 +605,37 @@ def test_pre_norm_mixer_computes_the_papers_layout(params):
         x = x + block.channel_mixing(block.channel_norm(x))
     expected = model.classifier(model.head_norm(x).mean(dim=1))
     assert torch.allclose(model(images), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_spatial_shift_moves_four_channel_groups_one_patch_each_way():
+    grid, group = 3, 2
+    x = torch.arange(9 * 1 * 10, dtype=torch.float32).view(9, 1, 10)  # (tokens, batch, ch)
+    g, out = x.view(3, 3, 1, 10), spatial_shift(x, grid, group).view(3, 3, 1, 10)
+    centre = out[1, 1, 0]
+    assert torch.equal(centre[0:2], g[0, 1, 0, 0:2])  # from the patch above
+    assert torch.equal(centre[2:4], g[2, 1, 0, 2:4])  # from the patch below
+    assert torch.equal(centre[4:6], g[1, 0, 0, 4:6])  # from the patch to the left
+    assert torch.equal(centre[6:8], g[1, 2, 0, 6:8])  # from the patch to the right
+    assert torch.equal(out[..., 8:], g[..., 8:])  # the rest stay
+    assert (out[0, :, 0, 0:2] == 0).all() and (out[2, :, 0, 2:4] == 0).all()  # image edges
+    assert (out[:, 0, 0, 4:6] == 0).all() and (out[:, 2, 0, 6:8] == 0).all()
+
+
+def test_spatial_shift_lets_channel_mixing_see_the_neighbours(params):
+    """Token branch off: without the shift a patch's output depends on that patch only; with
+    spatial_shift=0.5 (16 channels each way at C = 128) on its four neighbours too."""
+    x = torch.randn(49, 2, 128)
+    for shift, felt in ((0.0, False), (0.5, True)):
+        block = MixerClassifier(mixer_config(params, blocks=1, spatial_shift=shift).model).blocks[0]
+        assert block.shift_group == (16 if shift else 0)
+        nn.init.zeros_(block.token_mixing[2].weight)
+        nn.init.zeros_(block.token_mixing[2].bias)
+        block.eval()
+        x2 = x.clone()
+        x2[24] += torch.linspace(0.0, 1.0, 128)  # the centre patch of the 7 x 7 grid
+        changed = (block(x2) - block(x)).abs().amax(dim=(1, 2)) > 0
+        assert changed[[17, 23, 25, 31]].tolist() == [felt] * 4  # above, left, right, below
+        assert changed.sum().item() == (5 if felt else 1)
 
 
 def test_pre_norm_without_norm_has_no_layernorm(params):
