@@ -99,8 +99,8 @@ def compare(name: str, layer: Linear, x: torch.Tensor, repeats: int) -> None:
     """Print the forward and input-gradient products' times, torch's and oneDNN's."""
     for product, (shape, torchs, onednn) in products(layer, x).items():
         print(
-            f"{name:28s} {product:8s} {shape:24s} {seconds(torchs, repeats) * 1e3:7.2f} "
-            f"{seconds(onednn, repeats) * 1e3:7.2f}"
+            f"{name:28s} {product:8s} {shape:24s} {seconds(torchs, repeats) * 1e3:8.3f} "
+            f"{seconds(onednn, repeats) * 1e3:8.3f}"
         )
 
 
@@ -114,7 +114,7 @@ def main() -> None:
     keep_freed_memory()
     cfg = resolve_run(yaml.safe_load((REPO / "params.yaml").read_text()), args.run)
     print(f"run {args.run}, batch {cfg.batch_size}, {torch.get_num_threads()} threads, ms per call")
-    print(f"{'layer':28s} {'product':8s} {'shape':24s} {'torch':>7s} {'oneDNN':>7s}")
+    print(f"{'layer':28s} {'product':8s} {'shape':24s} {'torch':>8s} {'oneDNN':>8s}")
     for name, (layer, x) in linear_inputs(cfg).items():
         compare(name, layer, x, args.repeats)
 
