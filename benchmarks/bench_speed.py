@@ -50,7 +50,7 @@ from torchvision import datasets, transforms
 from notebook_model import NotebookModel  # benchmarks/, the script's folder
 from stages.config import resolve_run
 from stages.data import load_dataset
-from stages.model import ONEDNN_LINEAR, Dropout, Linear, forward_flops
+from stages.model import ONEDNN_LINEAR, Dropout, Linear, _onednn_mm, forward_flops
 from stages.training import (
     allow_tf32,
     build_model,
@@ -81,15 +81,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: torch.device, dtype=torch.float32, n=2048, rounds=5, repeats=4):
+def matmul_peak(
+    device: torch.device, dtype=torch.float32, n=2048, rounds=5, repeats=4
+) -> dict[str, float]:
     """GFLOP/s of the best of `rounds` rounds of n x n multiplies, per library: torch.mm and,
     in fp32 on a CPU, oneDNN (the project's Linear layers use it, and on some CPUs it runs
     fp32 twice as fast as torch.mm's MKL). The machine's peak is the larger."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     products = {"torch.mm": lambda: torch.mm(a, b)}
     if ONEDNN_LINEAR is not None and device.type == "cpu" and dtype == torch.float32:
-        b_t = b.t()  # oneDNN computes a @ b_t^T
-        products["oneDNN"] = lambda: ONEDNN_LINEAR(a, b_t, None, "none", [], "")
+        products["oneDNN"] = lambda: _onednn_mm(a, b.t())
     peaks = {}
     for library, product in products.items():
         product()
@@ -293,10 +294,9 @@ def main() -> None:
         f"threads, torch {torch.__version__}, device {device}"
         + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
     )
+    precisions = {"fp32": torch.float32} | ({"bf16": torch.bfloat16} if args.bf16 else {})
     peaks = {}
-    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if precision == "bf16" and not args.bf16:
-            continue
+    for precision, dtype in precisions.items():
         by_library = matmul_peak(device, dtype)
         peaks[precision] = max(by_library.values())
         each = ", ".join(f"{library} {gflops:.1f}" for library, gflops in by_library.items())

@@ -306,7 +306,7 @@ class PreNormMixerBlock(nn.Module):
         self.channel_mixing = mlp(channels, channel_hidden, channels, cfg.activation)
         self.dropout = Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
-        self.grid = round(tokens**0.5)
+        self.grid = IMAGE_SIZE // cfg.patch_size  # patches per row and per column
         self.shift_group = int(cfg.spatial_shift * channels) // 4  # channels per direction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (tokens, batch, channels)
