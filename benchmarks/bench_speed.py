@@ -4,10 +4,11 @@
       the notebook's layout and torch's nn.Dropout (`notebook_model.py`), as the report trained;
   (b) plain eager loop over in-memory tensors, `.item()` every step, as (a) otherwise;
   (c) the project's path: `stages.training.train_epoch` (data on the device, no per-step sync,
-      token-major layout, `stages.model.Dropout`, freed memory kept by malloc, oneDNN products),
-      and to show what each of those changes gives, (c0) the same with torch's nn.Dropout, (c1)
-      in the notebook's layout, (c2) with glibc's default malloc settings and (c3) with torch's
-      own products (MKL) instead of oneDNN's;
+      token-major layout, `stages.model.Dropout`, freed memory kept by malloc, oneDNN products,
+      the fused CPU kernels of `stages/kernels.cpp`), and to show what each of those changes
+      gives, (c0) the same with torch's nn.Dropout, (c1) in the notebook's layout, (c2) with
+      glibc's default malloc settings, (c3) with torch's own products (MKL) instead of oneDNN's
+      and (c4) with torch's element-wise kernels instead of the fused ones;
   with --compile (d) the same under torch.compile, with --bf16 (e) the same with bf16 autocast
   (AMX on recent x86 CPUs, tensor cores on GPUs), and with both (f) (e) under torch.compile.
 
@@ -21,7 +22,8 @@ machine falls on all of them; each row shows the median round (and the range), e
 an epoch of 60,000 images and labelled so. (a), (b) and (c2) run in a second process, with
 glibc's default malloc settings as the notebook had (`keep_freed_memory` holds for a whole
 process), taking their turn in each round when this process asks.
-Needs only torch, torchvision and pyyaml.
+Needs only torch, torchvision and pyyaml (and a C++ compiler for the fused kernels: their build
+or cached load is timed and printed; without them (c) is (c4)).
 
     python benchmarks/bench_speed.py                  # CPU
     python benchmarks/bench_speed.py --device cuda    # GPU, if present
@@ -48,6 +50,7 @@ from torch import nn
 from torchvision import datasets, transforms
 
 from notebook_model import NotebookModel  # benchmarks/, the script's folder
+from stages import kernels
 from stages.config import resolve_run
 from stages.data import load_dataset
 from stages.model import ONEDNN_LINEAR, Dropout, Linear, _onednn_mm, forward_flops
@@ -200,12 +203,13 @@ def plain_eager(cfg, images, labels, device, warmup: int) -> Callable[[int], flo
 
 
 def project_path(
-    cfg, train, device, warmup: int, compiled: bool = False, variant=None
+    cfg, train, device, warmup: int, compiled: bool = False, variant=None, fused: bool = True
 ) -> tuple[Callable[[int], float], float]:
     """(c): the project's `train_epoch`, each call on a slice of exactly n batches.
 
-    `variant` rebuilds the model another way (c0, c1, c3). With `compiled`, the model runs
-    under `torch.compile`. Returns `time_steps(n)` and the warm-up's seconds, which include the
+    `variant` rebuilds the model another way (c0, c1, c3); `fused=False` turns the fused CPU
+    kernels off while this path runs (c4). With `compiled`, the model runs under
+    `torch.compile`. Returns `time_steps(n)` and the warm-up's seconds, which include the
     compilation, so the compile cost is reported, not hidden.
     """
     model = build_model(cfg, seed=0)
@@ -213,10 +217,15 @@ def project_path(
     optimizer = make_optimizer(cfg, model.parameters())
     step_model = torch.compile(model) if compiled else model
     shuffle = torch.Generator().manual_seed(0)
-    time_steps = timer(
-        device,
-        lambda n: train_epoch(step_model, optimizer, train.head(n * cfg.batch_size), cfg, shuffle),
-    )
+
+    def run(n: int) -> None:
+        kernels.use = fused
+        try:
+            train_epoch(step_model, optimizer, train.head(n * cfg.batch_size), cfg, shuffle)
+        finally:
+            kernels.use = True
+
+    time_steps = timer(device, run)
     return time_steps, time_steps(warmup)
 
 
@@ -324,9 +333,17 @@ def main() -> None:
         raise SystemExit("bench_speed: the baseline process failed (its error is above)") from None
     keep_freed_memory()  # as `fit` does, in this process only
 
-    def project(variant=None, run_cfg=cfg, compiled=False):
+    if device.type == "cpu":
+        started = time.perf_counter()
+        available = kernels.load() is not None
+        print(
+            f"fused CPU kernels: {'built or loaded' if available else 'unavailable'} in "
+            f"{time.perf_counter() - started:.1f} s"
+        )
+
+    def project(variant=None, run_cfg=cfg, compiled=False, fused=True):
         time_steps, warmup_seconds = project_path(
-            run_cfg, train, device, args.warmup, compiled=compiled, variant=variant
+            run_cfg, train, device, args.warmup, compiled=compiled, variant=variant, fused=fused
         )
         if compiled:
             print(f"compile + {args.warmup} warm-up steps took {warmup_seconds:.1f} s")
@@ -337,6 +354,7 @@ def main() -> None:
         "(c0) (c) with torch's nn.Dropout": (project(with_torch_dropout), "fp32"),
         "(c1) (c) in the notebook's layout": (project(notebook_layout), "fp32"),
         "(c3) (c) with torch's nn.Linear": (project(with_torch_linear), "fp32"),
+        "(c4) (c) without the fused kernels": (project(fused=False), "fp32"),
     }
     if args.compile:
         paths["(d) (c) under torch.compile"] = (project(compiled=True), "fp32")
@@ -349,7 +367,7 @@ def main() -> None:
     child.join()
     precisions = {name: precision for name, (_, precision) in paths.items()}
 
-    order = ["(a)", "(b)", "(c)", "(c0)", "(c1)", "(c2)", "(c3)", "(d)", "(e)", "(f)"]
+    order = ["(a)", "(b)", "(c)", "(c0)", "(c1)", "(c2)", "(c3)", "(c4)", "(d)", "(e)", "(f)"]
     base = statistics.median(seconds[BASELINES["(a)"]])
     for name in sorted(seconds, key=lambda name: order.index(name.split()[0])):
         median = statistics.median(seconds[name])

@@ -19,6 +19,7 @@ import itertools
 import torch
 from torch import nn
 
+from stages import kernels
 from stages.config import IMAGE_SIZE, NUM_CLASSES, ModelConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -41,6 +42,12 @@ def _find_onednn_linear():
 
 
 ONEDNN_LINEAR = _find_onednn_linear()
+
+
+# A Linear's weight gradient goes to oneDNN (with the fused transposing kernel) from this input
+# width on: the patch stem's 16 inputs make a product too small to pay for the copy of g^T
+# (docs/speed.md times both ways).
+WIDE_INPUT = 64
 
 
 def _onednn_applies(x: torch.Tensor) -> bool:
@@ -69,8 +76,9 @@ def _relu_backward(grad: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor
 
 class _OneDNNLinearFunction(torch.autograd.Function):
     """y = x W^T + b, then ReLU if `relu`, with the forward and input-gradient products on
-    oneDNN (the ReLU applied as the product is written), the weight gradient on torch's mm
-    (which runs it at full speed already)."""
+    oneDNN (the ReLU applied as the product is written). The weight gradient g^T x runs on
+    oneDNN too where the fused kernels give g^T in the same pass as the ReLU's backward and the
+    bias sums, and the layer is wide enough to pay for that copy; else on torch's mm."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, relu):
@@ -82,14 +90,23 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, out = ctx.saved_tensors
-        grad_rows = _relu_backward(grad, out).reshape(-1, weight.shape[0]).contiguous()
+        x_rows = x.reshape(-1, x.shape[-1])
         grad_x = grad_weight = grad_bias = None
+        fused = kernels.fused() if x.shape[-1] >= WIDE_INPUT and ctx.needs_input_grad[1] else None
+        if fused is not None:
+            grad_rows, grad_t, grad_bias = fused.linear_grad_transposed(
+                grad.reshape(-1, weight.shape[0]).contiguous(),
+                out if out is not None else grad.new_empty(0),
+            )
+            grad_weight = _onednn_mm(grad_t, x_rows.t())
+        else:
+            grad_rows = _relu_backward(grad, out).reshape(-1, weight.shape[0]).contiguous()
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad_rows.t().mm(x_rows)
+            if ctx.needs_input_grad[2]:
+                grad_bias = grad_rows.sum(0)
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_mm(grad_rows, weight.t().contiguous()).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_rows.t().mm(x.reshape(-1, x.shape[-1]))
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0)
         return grad_x, grad_weight, grad_bias, None
 
 
@@ -114,8 +131,14 @@ class _OneDNNTokenLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         rows, weight, out = ctx.saved_tensors
-        grad_rows = _relu_backward(grad, out).reshape(weight.shape[0], -1)
         grad_x = grad_weight = grad_bias = None
+        fused = kernels.fused() if out is not None else None
+        if fused is not None:  # the ReLU's backward and the bias sums in one pass
+            grad_rows, grad_bias = fused.relu_grad_row_sums(
+                grad.reshape(out.shape).contiguous(), out
+            )
+        else:
+            grad_rows = _relu_backward(grad, out).reshape(weight.shape[0], -1)
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_mm(weight.t().contiguous(), grad_rows.t()).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # a (rows x K) @ (K x rows) product, K = batch x channels:
@@ -124,7 +147,7 @@ class _OneDNNTokenLinearFunction(torch.autograd.Function):
                 grad_weight = _onednn_mm(grad_rows.contiguous(), rows)
             else:
                 grad_weight = _onednn_mm(rows.contiguous(), grad_rows).t()
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2] and grad_bias is None:
             grad_bias = grad_rows.sum(1)
         return grad_x, grad_weight, grad_bias, None
 
@@ -228,6 +251,69 @@ def random_int16(shape: torch.Size, device: torch.device) -> torch.Tensor:
     return draws.random_(-(2**63), None).view(torch.int16)[:numel].view(shape)
 
 
+class _BatchNormDropoutFunction(torch.autograd.Function):
+    """dropout(batch_norm(x)) in training mode over the columns of x (rows, channels), on the
+    fused kernels of `kernels.cpp`; also returns the batch mean and biased variance."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, p, seed):
+        threshold = round(p * 2**16)  # p rounded to a multiple of 2**-16, as Dropout does
+        scale = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype).item() if p else 1.0
+        y, keep, mean, var, invstd = kernels.load().batch_norm_dropout_forward(
+            x, weight.detach(), bias.detach(), eps, threshold, scale, seed
+        )
+        ctx.save_for_backward(x, keep, mean, invstd, weight)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        x, keep, mean, invstd, weight = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = kernels.load().batch_norm_dropout_backward(
+            grad.contiguous(), x, keep, mean, invstd, weight.detach(), ctx.scale
+        )
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _fused_applies(x: torch.Tensor, norm: nn.Module) -> bool:
+    """Training on fp32 rows on a CPU, eager, a BatchNorm with running statistics, and the
+    kernels built: where `batch_norm_dropout` replaces torch's passes with its fused ones."""
+    return (
+        norm.training
+        and isinstance(norm, nn.BatchNorm1d)
+        and norm.affine
+        and norm.track_running_stats
+        and norm.momentum is not None
+        and x.dim() == 2
+        and x.shape[0] > 1
+        and _onednn_applies(x)  # fp32, CPU, no autocast, not compiling
+        and kernels.fused() is not None
+    )
+
+
+def batch_norm_dropout(x: torch.Tensor, norm: nn.Module, dropout: nn.Dropout) -> torch.Tensor:
+    """dropout(norm(x)), as one fused pass where `_fused_applies` (else torch's modules).
+
+    The same function: batch statistics, running statistics updated as torch's BatchNorm1d
+    updates them, each value dropped with probability p and the rest scaled by 1 / (1 - p); the
+    dropout mask comes from the fused kernel's own generator, seeded from torch's.
+    """
+    if not _fused_applies(x, norm):
+        return dropout(norm(x))
+    p = dropout.p if dropout.training else 0.0
+    seed = torch.empty((), dtype=torch.int64).random_().item()  # from torch's generator
+    y, mean, var = _BatchNormDropoutFunction.apply(
+        x.contiguous(), norm.weight, norm.bias, norm.eps, p, seed
+    )
+    with torch.no_grad():
+        rows = x.shape[0]
+        norm.running_mean.lerp_(mean, norm.momentum)
+        norm.running_var.lerp_(var * (rows / (rows - 1)), norm.momentum)
+        norm.num_batches_tracked.add_(1)
+    return y
+
+
 class MixerBlock(nn.Module):
     """One block of the backbone: token mixing across patches, then channel mixing."""
 
@@ -252,7 +338,7 @@ class MixerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (tokens, batch, channels)
         o1 = self.token_mixing(x).flatten(0, 1)  # (tokens' * batch, channels)
-        o1 = self.dropout(self.token_norm(o1))  # statistics per channel
+        o1 = batch_norm_dropout(o1, self.token_norm, self.dropout)  # per channel
         o2 = self.channel_mixing(o1).view(1, self.tokens_out, -1)  # (1, tokens', batch * ch')
         o2 = self.channel_norm(o2)  # statistics per token row
         return o2.view(self.tokens_out, x.shape[1], self.channels_out)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from stages import kernels
 from stages.augment import augment, augments, batch_mixer
 from stages.config import RunConfig
 from stages.data import Dataset, Split
@@ -25,7 +26,9 @@ from stages.files import atomic_write
 from stages.model import MixerClassifier, init_weights
 
 # Source files whose change makes an old checkpoint unusable for resuming.
-CODE_FILES = ("augment.py", "config.py", "data.py", "model.py", "training.py")
+CODE_FILES = (
+    "augment.py", "config.py", "data.py", "kernels.cpp", "kernels.py", "model.py", "training.py"
+)
 PROGRESS_EVERY = 25  # steps between progress-bar loss updates (each one syncs the device)
 
 
@@ -343,6 +346,8 @@ def fit(
             sum(r["epoch_seconds"] for r in history) / len(history) if history else None
         ),
         "device": str(device),
+        # the fused kernels draw their own dropout masks: a run is repeatable given this too
+        "fused_cpu_kernels": device.type == "cpu" and kernels.fused() is not None,
         "history": history,
     }
     return model, summary

@@ -1,0 +1,63 @@
+"""The fused CPU kernels of `kernels.cpp`, compiled on first use and cached by torch.
+
+Building needs a C++ compiler and ninja (about 20-40 s once per machine and source version; the
+`.so` lands in torch's extension cache, `TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions).
+Where that fails, `load()` returns None once with a one-line warning, and the model runs torch's
+own kernels: the same layers, a different dropout random stream (docs/speed.md).
+"""
+
+import functools
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+
+# Vector instructions by the CPU capability torch itself detected, not -march=native: a cached
+# build must not carry instructions that another CPU sharing the cache lacks.
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+
+use = True  # False: torch's kernels everywhere (the benchmark's comparison)
+
+
+def fused():
+    """The compiled kernels when in use and buildable here, else None."""
+    return load() if use else None
+
+
+@functools.cache
+def load():
+    """The compiled module, or None where it cannot be built here."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    name = f"fashion_mixer_kernels_{capability.lower()}"
+    if shutil.which("ninja") is None:  # the environment's own ninja, when it is not activated
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    # its import warns that a CPU-only machine has no CUDA runtime, which nothing here needs
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    started = time.perf_counter()
+    try:
+        from torch.utils import cpp_extension
+
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])],
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as exc:  # no compiler, no ninja, a failed build: torch's kernels instead
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"warning: fused CPU kernels unavailable ({reason}); using torch's", file=sys.stderr)
+        return None
+    seconds = time.perf_counter() - started
+    if seconds > 5:  # a build, not a cached load
+        print(f"fused CPU kernels built in {seconds:.0f} s (cached for later)", file=sys.stderr)
+    return module
