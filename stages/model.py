@@ -276,11 +276,13 @@ class _BatchNormDropoutFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
-def _fused_applies(x: torch.Tensor, norm: nn.Module) -> bool:
-    """Training on fp32 rows on a CPU, eager, a BatchNorm with running statistics, and the
+def _fused_applies(x: torch.Tensor, norm: nn.Module, dropout: nn.Module) -> bool:
+    """Training on fp32 rows on a CPU, eager, a BatchNorm with running statistics, the
+    project's Dropout (whose mask the kernel draws the same way: p in steps of 2**-16), and the
     kernels built: where `batch_norm_dropout` replaces torch's passes with its fused ones."""
     return (
         norm.training
+        and isinstance(dropout, Dropout)
         and isinstance(norm, nn.BatchNorm1d)
         and norm.affine
         and norm.track_running_stats
@@ -299,7 +301,7 @@ def batch_norm_dropout(x: torch.Tensor, norm: nn.Module, dropout: nn.Dropout) ->
     updates them, each value dropped with probability p and the rest scaled by 1 / (1 - p); the
     dropout mask comes from the fused kernel's own generator, seeded from torch's.
     """
-    if not _fused_applies(x, norm):
+    if not _fused_applies(x, norm, dropout):
         return dropout(norm(x))
     p = dropout.p if dropout.training else 0.0
     seed = torch.empty((), dtype=torch.int64).random_().item()  # from torch's generator
