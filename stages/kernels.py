@@ -1,12 +1,14 @@
 """The fused CPU kernels of `kernels.cpp`, compiled on first use and cached by torch.
 
-Building needs a C++ compiler and ninja (about 20-40 s once per machine and source version; the
-`.so` lands in torch's extension cache, `TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions).
+Building needs a C++ compiler and ninja (about 20-45 s once per machine and source version,
+shared by every checkout of that source; the `.so` lands in torch's extension cache,
+`TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions).
 Where that fails, `load()` returns None once with a one-line warning, and the model runs torch's
 own kernels: the same layers, a different dropout random stream (docs/speed.md).
 """
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -34,11 +36,25 @@ def fused():
     return load() if use else None
 
 
+def _shared_copy(code: bytes, name: str, default_root: str) -> Path:
+    """The source at a path that depends on its content only: the build (ninja) reruns when the
+    source's path changes, so every checkout of the same code shares one build this way."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or default_root) / "sources"
+    copy = root / f"{name}.cpp"
+    if not copy.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        partial = copy.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(code)
+        partial.replace(copy)  # atomic: a concurrent build never reads half a file
+    return copy
+
+
 @functools.cache
 def load():
     """The compiled module, or None where it cannot be built here."""
     capability = torch.backends.cpu.get_cpu_capability()
-    name = f"fashion_mixer_kernels_{capability.lower()}"
+    code = SOURCE.read_bytes()
+    name = f"fashion_mixer_kernels_{capability.lower()}_{hashlib.sha256(code).hexdigest()[:12]}"
     if shutil.which("ninja") is None:  # the environment's own ninja, when it is not activated
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
     # its import warns that a CPU-only machine has no CUDA runtime, which nothing here needs
@@ -49,7 +65,7 @@ def load():
 
         module = cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(_shared_copy(code, name, cpp_extension.get_default_build_root()))],
             extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])],
             extra_ldflags=["-fopenmp"],
         )

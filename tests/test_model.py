@@ -407,6 +407,18 @@ def test_fused_kernels_build_here():
     assert kernels.load() is not None
 
 
+def test_every_checkout_shares_one_kernel_build(tmp_path, monkeypatch):
+    """The build reruns when the source's path changes; a copy at a path named by the content
+    keeps two checkouts of the same code (or DVC's experiment workspaces) from rebuilding."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    code = kernels.SOURCE.read_bytes()
+    first = kernels._shared_copy(code, "kernels_abc", "unused")
+    assert first == tmp_path / "sources" / "kernels_abc.cpp"
+    assert first.read_bytes() == code
+    assert kernels._shared_copy(code, "kernels_abc", "unused") == first
+    assert list(first.parent.iterdir()) == [first]  # no partial file left behind
+
+
 def test_fused_batch_norm_computes_torchs_batch_norm():
     """Without dropout the fused kernel is torch's BatchNorm1d in training mode: outputs,
     gradients and running statistics equal up to fp32 rounding, against a float64 reference."""
