@@ -234,7 +234,7 @@ class _DropoutFunction(torch.autograd.Function):
     def forward(ctx, x, p):
         keep = torch.empty_like(x, memory_format=torch.contiguous_format)
         torch.ge(random_int16(x.shape, x.device), -(2**15) + round(p * 2**16), out=keep)
-        ctx.scale = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype).item()  # rounded as torch's
+        ctx.scale = dropout_scale(p, x.dtype)
         ctx.save_for_backward(keep)
         return torch.addcmul(x.new_zeros(()), x, keep, value=ctx.scale)
 
@@ -242,6 +242,11 @@ class _DropoutFunction(torch.autograd.Function):
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
         return torch.addcmul(grad.new_zeros(()), grad, keep, value=ctx.scale), None
+
+
+def dropout_scale(p: float, dtype: torch.dtype) -> float:
+    """1 / (1 - p), rounded to dtype as torch's CPU dropout rounds it."""
+    return torch.tensor(1.0 / (1.0 - p), dtype=dtype).item()
 
 
 def random_int16(shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -258,7 +263,7 @@ class _BatchNormDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, p, seed):
         threshold = round(p * 2**16)  # p rounded to a multiple of 2**-16, as Dropout does
-        scale = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype).item() if p else 1.0
+        scale = dropout_scale(p, x.dtype) if p else 1.0
         y, keep, mean, var, invstd = kernels.load().batch_norm_dropout_forward(
             x, weight.detach(), bias.detach(), eps, threshold, scale, seed
         )
