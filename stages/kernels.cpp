@@ -193,15 +193,16 @@ std::vector<torch::Tensor> batch_norm_dropout_backward(torch::Tensor grad, torch
 }
 
 // For a Linear layer's backward over rows: g = grad through the ReLU whose output is `out`
-// (`out` empty: no ReLU, g = grad), g^T (so that the weight gradient g^T x is a product oneDNN
-// reads without a separate transposing copy), and the bias gradient, g's column sums.
-std::vector<torch::Tensor> linear_grad_transposed(torch::Tensor grad, torch::Tensor out) {
+// (`out` empty: no ReLU, g = grad), the bias gradient (g's column sums), and with `transposed`
+// also g^T, so that the weight gradient g^T x is a product oneDNN reads without a separate
+// transposing copy (else an empty tensor: a narrow layer's mm reads g in place).
+std::vector<torch::Tensor> linear_grad(torch::Tensor grad, torch::Tensor out, bool transposed) {
   check_rows(grad, "grad");
   const bool relu = out.numel() > 0;
   if (relu) check_rows(out, "out");
   const int64_t N = grad.size(0), H = grad.size(1);
   torch::Tensor g = relu ? torch::empty_like(grad) : grad;
-  torch::Tensor g_t = torch::empty({H, N}, grad.options());
+  torch::Tensor g_t = torch::empty({transposed ? H : 0, transposed ? N : 0}, grad.options());
   const float* gp = grad.data_ptr<float>();
   const float* op = relu ? out.data_ptr<float>() : nullptr;
   float* rp = g.data_ptr<float>();
@@ -217,20 +218,45 @@ std::vector<torch::Tensor> linear_grad_transposed(torch::Tensor grad, torch::Ten
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) acc[j] += rp[i * H + j];
   });
-  // the transpose in tiles of 16 x 16, each read and written while in cache
-  constexpr int64_t kTile = 16;
+  if (transposed) {  // in tiles of 16 x 16, each read and written while in cache
+    constexpr int64_t kTile = 16;
 #pragma omp parallel for schedule(static)
-  for (int64_t i0 = 0; i0 < N; i0 += kTile) {
-    const int64_t i1 = std::min(N, i0 + kTile);
-    for (int64_t j0 = 0; j0 < H; j0 += kTile) {
-      const int64_t j1 = std::min(H, j0 + kTile);
-      for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = i0; i < i1; ++i) tp[j * N + i] = rp[i * H + j];
+    for (int64_t i0 = 0; i0 < N; i0 += kTile) {
+      const int64_t i1 = std::min(N, i0 + kTile);
+      for (int64_t j0 = 0; j0 < H; j0 += kTile) {
+        const int64_t j1 = std::min(H, j0 + kTile);
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t i = i0; i < i1; ++i) tp[j * N + i] = rp[i * H + j];
+      }
     }
   }
   torch::Tensor bias_grad = torch::empty({H}, grad.options());
   for (int64_t j = 0; j < H; ++j) bias_grad.data_ptr<float>()[j] = sums[j];
   return {g, g_t, bias_grad};
+}
+
+// In place, for a token-mixing layer's forward (rows are the layer's outputs): x[r, :] += bias[r],
+// then the ReLU if `relu`, in one pass instead of two.
+void bias_relu_rows_(torch::Tensor x, torch::Tensor bias, bool relu) {
+  check_rows(x, "x");
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == x.size(0) && bias.is_contiguous() &&
+                  bias.scalar_type() == torch::kFloat32,
+              "bias must hold one float32 per row of x");
+  const int64_t H = x.size(0), K = x.size(1);
+  float* xp = x.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < H; ++r) {
+    float* row = xp + r * K;
+    const float b = bp[r];
+    if (relu) {
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) row[k] = std::max(row[k] + b, 0.0f);
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) row[k] += b;
+    }
+  }
 }
 
 // For a token-mixing layer's backward (rows are the layer's outputs): g = grad through the
@@ -268,6 +294,7 @@ std::vector<torch::Tensor> relu_grad_row_sums(torch::Tensor grad, torch::Tensor 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm_dropout_forward", &batch_norm_dropout_forward);
   m.def("batch_norm_dropout_backward", &batch_norm_dropout_backward);
-  m.def("linear_grad_transposed", &linear_grad_transposed);
+  m.def("linear_grad", &linear_grad);
+  m.def("bias_relu_rows_", &bias_relu_rows_);
   m.def("relu_grad_row_sums", &relu_grad_row_sums);
 }

@@ -44,7 +44,7 @@ def _find_onednn_linear():
 ONEDNN_LINEAR = _find_onednn_linear()
 
 
-# A Linear's weight gradient goes to oneDNN (with the fused transposing kernel) from this input
+# A Linear's weight gradient goes to oneDNN (with the fused kernel writing g^T) from this input
 # width on: the patch stem's 16 inputs make a product too small to pay for the copy of g^T
 # (docs/speed.md times both ways).
 WIDE_INPUT = 64
@@ -76,9 +76,10 @@ def _relu_backward(grad: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor
 
 class _OneDNNLinearFunction(torch.autograd.Function):
     """y = x W^T + b, then ReLU if `relu`, with the forward and input-gradient products on
-    oneDNN (the ReLU applied as the product is written). The weight gradient g^T x runs on
-    oneDNN too where the fused kernels give g^T in the same pass as the ReLU's backward and the
-    bias sums, and the layer is wide enough to pay for that copy; else on torch's mm."""
+    oneDNN (the ReLU applied as the product is written). Where the fused kernels are built, the
+    ReLU's backward and the bias sums take one pass, which for a layer wide enough to pay for
+    the copy also writes g^T, so that the weight gradient g^T x runs on oneDNN too (without the
+    kernels: on torch's mm). A narrow layer's weight gradient is (x^T g)^T on oneDNN."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, relu):
@@ -91,20 +92,27 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, out = ctx.saved_tensors
         x_rows = x.reshape(-1, x.shape[-1])
-        grad_x = grad_weight = grad_bias = None
-        fused = kernels.fused() if x.shape[-1] >= WIDE_INPUT and ctx.needs_input_grad[1] else None
+        grad_x = grad_weight = grad_bias = grad_t = None
+        wide = x.shape[-1] >= WIDE_INPUT
+        fused = kernels.fused() if ctx.needs_input_grad[1] else None
         if fused is not None:
-            grad_rows, grad_t, grad_bias = fused.linear_grad_transposed(
+            grad_rows, grad_t, grad_bias = fused.linear_grad(
                 grad.reshape(-1, weight.shape[0]).contiguous(),
                 out if out is not None else grad.new_empty(0),
+                wide,
             )
-            grad_weight = _onednn_mm(grad_t, x_rows.t())
         else:
             grad_rows = _relu_backward(grad, out).reshape(-1, weight.shape[0]).contiguous()
-            if ctx.needs_input_grad[1]:
-                grad_weight = grad_rows.t().mm(x_rows)
             if ctx.needs_input_grad[2]:
                 grad_bias = grad_rows.sum(0)
+        if ctx.needs_input_grad[1]:
+            if not wide:  # (x^T g)^T: the copy of a narrow x^T is cheap (0.52 ms against mm's
+                # 0.73 for the stem's 12544 x 16 inputs, docs/speed.md)
+                grad_weight = _onednn_mm(x_rows.t().contiguous(), grad_rows.t()).t()
+            elif grad_t is not None:
+                grad_weight = _onednn_mm(grad_t, x_rows.t())
+            else:
+                grad_weight = grad_rows.t().mm(x_rows)
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_mm(grad_rows, weight.t().contiguous()).view(x.shape)
         return grad_x, grad_weight, grad_bias, None
@@ -121,9 +129,14 @@ class _OneDNNTokenLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, relu):
         rows = x.reshape(weight.shape[1], -1)  # (in, batch * channels)
-        out = _onednn_mm(weight, rows.t()).add_(bias.unsqueeze(1))
-        if relu:
-            out.relu_()
+        out = _onednn_mm(weight, rows.t())
+        fused = kernels.fused()
+        if fused is not None:  # the bias and the ReLU in one pass
+            fused.bias_relu_rows_(out, bias.detach(), relu)
+        else:
+            out.add_(bias.unsqueeze(1))
+            if relu:
+                out.relu_()
         ctx.save_for_backward(rows, weight, out if relu else None)
         ctx.x_shape = x.shape
         return out.view(-1, *x.shape[1:])

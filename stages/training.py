@@ -80,6 +80,8 @@ def build_model(cfg: RunConfig, seed: int) -> MixerClassifier:
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    """Adam and AdamW run torch's fused kernel (one per parameter, on the CPU too): the default
+    loop over parameters cost 0.33 ms per step of the report model against 0.09 (docs/speed.md)."""
     if cfg.optimizer == "adamw":
         # Decoupled weight decay on the weight matrices only, not on biases and norm gains.
         params = list(params)
@@ -87,9 +89,9 @@ def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "radam":
         return torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

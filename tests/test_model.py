@@ -565,6 +565,7 @@ def test_make_optimizer(params, name, kind, lr, momentum, weight_decay):
     assert group["lr"] == lr
     assert group["weight_decay"] == weight_decay
     assert not group.get("decoupled_weight_decay", False)  # Adam/RAdam, not AdamW-style
+    assert bool(group.get("fused")) == (name == "adam")  # torch's fused kernel, CPU included
     if name == "sgd":
         assert group["momentum"] == momentum
         assert group["nesterov"] is False
@@ -773,6 +774,7 @@ def test_adamw_decays_weight_matrices_only(params):
     assert type(opt) is torch.optim.AdamW
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == cfg.weight_decay == 0.05
+    assert decayed["fused"] and plain["fused"]
     assert plain["weight_decay"] == 0.0
     assert all(p.ndim == 2 for p in decayed["params"])
     assert all(p.ndim == 1 for p in plain["params"])  # biases and LayerNorm gains
