@@ -25,12 +25,12 @@ CHOICES = {
     "plateau_metric": ("val_loss", "val_accuracy"),
     "plateau_mode": ("min", "max"),
     "activation": ("relu", "gelu"),
-    "block": ("report", "pre_norm"),
+    "block": ("report", "pre_norm", "gated"),
     "precision": ("fp32", "bf16"),
 }
 # Normalisations each block design supports: the notebook's block used BatchNorm after each MLP,
-# the residual pre-norm block a LayerNorm before each.
-NORMS = {"report": ("batch", "none"), "pre_norm": ("layer", "none")}
+# the residual blocks (pre_norm, gated) a LayerNorm before each.
+NORMS = {"report": ("batch", "none"), "pre_norm": ("layer", "none"), "gated": ("layer", "none")}
 RUN_NAME = re.compile(r"^[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*$")
 
 
@@ -43,7 +43,7 @@ class ModelConfig:
     stem_hidden: int | None  # None: a linear stem; an int: a one-hidden-layer MLP stem
     token_mlp: tuple[tuple[int, int], ...]  # (hidden, out) widths of each block's token MLP
     channel_mlp: tuple[tuple[int, int], ...]  # (hidden, out) widths of each block's channel MLP
-    block: str  # report: the notebook's block; pre_norm: x + MLP(LayerNorm(x)), as in MLP-Mixer
+    block: str  # report: the notebook's; pre_norm: MLP-Mixer's residual; gated: gMLP's (model.py)
     activation: str
     norm: str
     dropout: float
@@ -240,18 +240,35 @@ def _model_config(name: str, preset: Any, blocks: int) -> ModelConfig:
             if value := getattr(cfg, key):
                 raise UserError(f"{where}.{key}={value} needs block=pre_norm (residual)")
         return cfg
+    if block == "gated":
+        if cfg.spatial_shift:
+            raise UserError(f"{where}.spatial_shift={cfg.spatial_shift} needs block=pre_norm")
+        for i, ((token_hidden, _), (channel_hidden, _)) in enumerate(
+            zip(cfg.token_mlp, cfg.channel_mlp, strict=True)
+        ):
+            if token_hidden != cfg.num_patches:
+                raise UserError(
+                    f"{where}.token_mlp[{i}] = [{token_hidden}, ...]: a gated block mixes the "
+                    f"tokens with one {cfg.num_patches} -> {cfg.num_patches} layer; use "
+                    f"[{cfg.num_patches}, {cfg.num_patches}]"
+                )
+            if channel_hidden % 2:
+                raise UserError(
+                    f"{where}.channel_mlp[{i}] hidden width {channel_hidden} is odd; a gated "
+                    "block splits it into two halves (gate and value)"
+                )
     # A residual block adds its input to its output, so no block may change the widths.
     for i, ((_, tokens_out), (_, channels_out)) in enumerate(
         zip(cfg.token_mlp, cfg.channel_mlp, strict=True)
     ):
         if tokens_out != cfg.num_patches:
             raise UserError(
-                f"{where}.token_mlp[{i}] outputs {tokens_out} tokens; a pre_norm block must keep "
+                f"{where}.token_mlp[{i}] outputs {tokens_out} tokens; a {block} block must keep "
                 f"all {cfg.num_patches} patches (out={cfg.num_patches})"
             )
         if channels_out != cfg.stem_width:
             raise UserError(
-                f"{where}.channel_mlp[{i}] outputs {channels_out} channels; a pre_norm block must "
+                f"{where}.channel_mlp[{i}] outputs {channels_out} channels; a {block} block must "
                 f"keep stem_width={cfg.stem_width} (out={cfg.stem_width})"
             )
     return cfg

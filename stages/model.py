@@ -11,7 +11,8 @@ step copies a transposed tensor (docs/speed.md measures what that saves).
 
 `block: pre_norm` swaps in the residual block of MLP-Mixer (Tolstikhin et al., 2021):
 X + MLP(LayerNorm(X)^T)^T, then X + MLP(LayerNorm(X)), with a final LayerNorm and a mean over
-the patches instead of over the features.
+the patches instead of over the features. `block: gated` is gMLP's residual block (Liu et al.,
+2021), whose token mixing is one layer inside a multiplicative gate.
 """
 
 import itertools
@@ -423,6 +424,47 @@ class PreNormMixerBlock(nn.Module):
         return x + self.drop_path(self.dropout(self.channel_mixing(y)))
 
 
+class SpatialGatingUnit(nn.Module):
+    """gMLP's gate (Liu et al., 2021): half of the channels, normalised and mixed across the
+    tokens, multiplies the other half. It starts as the identity gate (token weights near 0,
+    biases 1, set by `init_weights`), so a deep stack trains like plain channel MLPs at first."""
+
+    def __init__(self, tokens: int, width: int, layer_norm):
+        super().__init__()
+        self.norm = layer_norm(width)
+        self.token_mixing = TokenLinear(tokens, tokens)
+
+    def reset_to_identity(self) -> None:
+        nn.init.uniform_(self.token_mixing.weight, -1e-3, 1e-3)
+        nn.init.ones_(self.token_mixing.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (tokens, batch, 2 * width)
+        value, gate = x.chunk(2, dim=-1)
+        return value * self.token_mixing(self.norm(gate).contiguous())
+
+
+class GatedMixerBlock(nn.Module):
+    """A gMLP block: X + Proj_out(SGU(GELU(Proj_in(LayerNorm(X))))), with one token-mixing layer
+    inside the gate instead of a separate token MLP."""
+
+    def __init__(
+        self, tokens: int, channels: int, hidden: int, drop_path: float, cfg: ModelConfig
+    ):
+        super().__init__()
+        layer_norm = nn.LayerNorm if cfg.norm == "layer" else lambda _: nn.Identity()
+        self.norm = layer_norm(channels)
+        self.channel_in = Linear(channels, hidden)
+        self.activation = ACTIVATIONS[cfg.activation]()
+        self.gate = SpatialGatingUnit(tokens, hidden // 2, layer_norm)
+        self.channel_out = Linear(hidden // 2, channels)
+        self.dropout = Dropout(cfg.dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (tokens, batch, channels)
+        y = self.gate(self.activation(self.channel_in(self.norm(x))))
+        return x + self.drop_path(self.dropout(self.channel_out(y)))
+
+
 class MixerClassifier(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int = NUM_CLASSES):
         super().__init__()
@@ -452,11 +494,13 @@ class MixerClassifier(nn.Module):
                 zip(cfg.token_mlp, cfg.channel_mlp, strict=True)
             ):
                 drop_path = cfg.drop_path * i / max(cfg.blocks - 1, 1)  # deeper: dropped more
-                blocks.append(
-                    PreNormMixerBlock(
+                if cfg.block == "gated":
+                    block = GatedMixerBlock(tokens, channels, channel_hidden, drop_path, cfg)
+                else:
+                    block = PreNormMixerBlock(
                         tokens, channels, token_hidden, channel_hidden, drop_path, cfg
                     )
-                )
+                blocks.append(block)
             self.head_norm = nn.LayerNorm(channels) if cfg.norm == "layer" else nn.Identity()
             self.pool_over_features, pooled = False, channels  # mean over the patches
         self.blocks = nn.Sequential(*blocks)
@@ -470,7 +514,8 @@ class MixerClassifier(nn.Module):
 
 
 def init_weights(model: nn.Module, scheme: str, std: float) -> None:
-    """Re-initialise every Linear layer's weights; biases start at zero, as in the report.
+    """Re-initialise every Linear layer's weights; biases start at zero, as in the report, except
+    in gMLP's gates, which start as the identity (`SpatialGatingUnit`).
 
     `default` keeps PyTorch's own initialisation (weights and biases) untouched.
     """
@@ -487,6 +532,9 @@ def init_weights(model: nn.Module, scheme: str, std: float) -> None:
             else:
                 raise ValueError(f"unknown init scheme {scheme!r}")
             nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, SpatialGatingUnit):
+            module.reset_to_identity()
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -505,6 +553,10 @@ def forward_flops(cfg: ModelConfig) -> int:
     )
     flops += sum(a * b for a, b in itertools.pairwise(stem)) * tokens
     for (t_hidden, t_out), (c_hidden, c_out) in zip(cfg.token_mlp, cfg.channel_mlp, strict=True):
+        if cfg.block == "gated":  # C -> hidden, the gate's tokens -> tokens on hidden / 2, back
+            flops += tokens * (channels * c_hidden + c_hidden // 2 * c_out)
+            flops += c_hidden // 2 * tokens * tokens
+            continue
         flops += channels * (tokens * t_hidden + t_hidden * t_out)
         flops += t_out * (channels * c_hidden + c_hidden * c_out)
         tokens, channels = t_out, c_out

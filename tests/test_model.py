@@ -15,6 +15,7 @@ from torch import nn
 from notebook_model import NotebookModel  # benchmarks/, on pytest's pythonpath
 from stages import kernels
 from stages.config import resolve_run
+from stages.errors import UserError
 from stages.model import (
     MLP,
     ONEDNN_LINEAR,
@@ -714,6 +715,64 @@ def test_pre_norm_mixer_computes_the_papers_layout(params):
         x = x + block.channel_mixing(block.channel_norm(x))
     expected = model.classifier(model.head_norm(x).mean(dim=1))
     assert torch.allclose(model(images), expected, rtol=1e-10, atol=1e-12)
+
+
+def gated_config(params: dict, blocks: int = 3, hidden: int = 416):
+    return mixer_config(
+        params, blocks=blocks, block="gated", token_mlp=[49, 49], channel_mlp=[hidden, 128]
+    )
+
+
+def test_gated_mixer_shapes_parameters_and_flops(params):
+    """gMLP blocks at the preset's width: hidden 416 costs the Mixer preset's FLOPs."""
+    cfg = gated_config(params)
+    model = build_model(cfg, seed=0)
+    assert [type(b).__name__ for b in model.blocks] == ["GatedMixerBlock"] * 3
+    block = model.blocks[0]
+    assert linear_shapes(block) == [(128, 416), (49, 49), (208, 128)]
+    stem = 16 * 64 + 64 + 64 * 128 + 128
+    per_block = 256 + (128 * 416 + 416) + 2 * 208 + (49 * 49 + 49) + (208 * 128 + 128)
+    assert count_parameters(model) == stem + 3 * per_block + 256 + 128 * 10 + 10 == 261_568
+    images = torch.rand(4, 1, 28, 28)
+    assert forward_flops(cfg.model) == counted_flops(model, images)
+    preset = forward_flops(mixer_config(params).model)
+    assert forward_flops(cfg.model) <= preset <= 1.001 * forward_flops(cfg.model)  # equal cost
+
+
+def test_gated_mixer_starts_with_identity_gates_and_computes_gmlp(params):
+    """The gate starts near 1 (gMLP's initialisation), and the token-major block equals gMLP
+    written in (batch, tokens, channels) once its gate weights are not small."""
+    cfg = gated_config(params, blocks=2, hidden=64)
+    model = build_model(cfg, seed=0).double().eval()
+    gate = model.blocks[0].gate
+    assert torch.equal(gate.token_mixing.bias, torch.ones(49, dtype=torch.float64))
+    assert gate.token_mixing.weight.abs().max() <= 1e-3
+    x = torch.randn(49, 3, 64, dtype=torch.float64)
+    assert torch.allclose(gate(x), x[..., :32], rtol=0.1, atol=0.1)  # value x (1 + small)
+    for block in model.blocks:
+        nn.init.normal_(block.gate.token_mixing.weight, std=0.3)
+    images = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    x = model.stem(notebook_patches(images, 4))  # (batch, tokens, channels)
+    for block in model.blocks:
+        value, gate_half = block.activation(block.channel_in(block.norm(x))).chunk(2, dim=-1)
+        mixed = linear_on(block.gate.norm(gate_half).transpose(1, 2), block.gate.token_mixing)
+        x = x + block.channel_out(value * mixed.transpose(1, 2))
+    expected = model.classifier(model.head_norm(x).mean(dim=1))
+    assert torch.allclose(model(images), expected, rtol=1e-10, atol=1e-12)
+    x2 = images.clone()
+    x2[:, :, :4, :4] += 0.5  # patch 0 only: through the gate, every patch feels it
+    first = model.blocks[0]
+    changed, unchanged = (first(model.stem(patchify(i, 4)))[1] for i in (x2, images))
+    assert not torch.allclose(changed, unchanged)
+    nn.functional.cross_entropy(model.train()(images), torch.arange(4)).backward()
+    assert all(p.grad.abs().sum() > 0 for p in model.parameters())  # every layer learns
+
+
+def test_gated_block_needs_a_token_by_token_gate_and_an_even_hidden_width(params):
+    with pytest.raises(UserError, match=r"token_mlp\[0\] = \[96, ...\].*use \[49, 49\]"):
+        mixer_config(params, block="gated")
+    with pytest.raises(UserError, match="hidden width 415 is odd"):
+        gated_config(params, hidden=415)
 
 
 def test_spatial_shift_moves_four_channel_groups_one_patch_each_way():
