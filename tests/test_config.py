@@ -230,7 +230,7 @@ BAD = [
         "pre_norm-with-batchnorm",
         "models.mixer.norm",
         "batch",
-        ["models.mixer.norm (block=pre_norm)='batch'", "layer, none"],
+        ["models.mixer.norm (block=gated)='batch'", "layer, none"],
     ),
     (
         "drop_path-on-report-block",
@@ -246,13 +246,19 @@ BAD = [
     ),
     ("spatial_shift-above-1", "models.mixer.spatial_shift", 1.5, ["shift=1.5", "[0.0, 1.0]"]),
     (
-        "pre_norm-token-width",
+        "gated-token-width",
         "models.mixer.token_mlp",
-        [64, 32],
-        ["models.mixer.token_mlp[0] outputs 32 tokens", "out=49"],
+        [64, 49],
+        ["models.mixer.token_mlp[0] = [64, ...]", "use [49, 49]"],
     ),
     (
-        "pre_norm-channel-width",
+        "residual-token-width",
+        "models.mixer.token_mlp",
+        [49, 32],
+        ["models.mixer.token_mlp[0] outputs 32 tokens", "a gated block must keep", "out=49"],
+    ),
+    (
+        "residual-channel-width",
         "models.mixer.channel_mlp",
         [256, 64],
         ["models.mixer.channel_mlp[0] outputs 64 channels", "stem_width=128"],

@@ -655,13 +655,15 @@ def test_one_training_step(params, optimizer):
 
 
 def mixer_config(params: dict, blocks: int = 3, **preset):
+    """The mixer run with MLP-Mixer's pre_norm block (the preset until the eighth session)."""
     p = copy.deepcopy(params)
+    p["models"]["mixer"].update(block="pre_norm", token_mlp=[96, 49], channel_mlp=[256, 128])
     p["models"]["mixer"].update(preset)
     p["runs"]["mixer"] = dict(p["runs"]["mixer"], blocks=blocks)
     return resolve_run(p, "mixer")
 
 
-def test_mixer_preset_shapes_parameters_and_flops(params):
+def test_pre_norm_mixer_shapes_parameters_and_flops(params):
     cfg = mixer_config(params)
     model = MixerClassifier(cfg.model)
     assert [type(b).__name__ for b in model.blocks] == ["PreNormMixerBlock"] * 3
@@ -723,9 +725,10 @@ def gated_config(params: dict, blocks: int = 3, hidden: int = 416):
     )
 
 
-def test_gated_mixer_shapes_parameters_and_flops(params):
-    """gMLP blocks at the preset's width: hidden 416 costs the Mixer preset's FLOPs."""
-    cfg = gated_config(params)
+def test_gated_mixer_preset_shapes_parameters_and_flops(params):
+    """The preset's gMLP blocks: hidden 416 costs the pre_norm Mixer's FLOPs."""
+    cfg = resolve_run(params, "mixer")
+    assert cfg.model == gated_config(params).model
     model = build_model(cfg, seed=0)
     assert [type(b).__name__ for b in model.blocks] == ["GatedMixerBlock"] * 3
     block = model.blocks[0]
@@ -735,8 +738,10 @@ def test_gated_mixer_shapes_parameters_and_flops(params):
     assert count_parameters(model) == stem + 3 * per_block + 256 + 128 * 10 + 10 == 261_568
     images = torch.rand(4, 1, 28, 28)
     assert forward_flops(cfg.model) == counted_flops(model, images)
-    preset = forward_flops(mixer_config(params).model)
-    assert forward_flops(cfg.model) <= preset <= 1.001 * forward_flops(cfg.model)  # equal cost
+    pre_norm = forward_flops(mixer_config(params).model)
+    assert forward_flops(cfg.model) <= pre_norm <= 1.001 * forward_flops(cfg.model)  # equal cost
+    report = resolve_run(params, "final")
+    assert forward_flops(cfg.model) <= 2 * forward_flops(report.model)  # issue 6's cost cap
 
 
 def test_gated_mixer_starts_with_identity_gates_and_computes_gmlp(params):
