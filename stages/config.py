@@ -240,27 +240,24 @@ def _model_config(name: str, preset: Any, blocks: int) -> ModelConfig:
             if value := getattr(cfg, key):
                 raise UserError(f"{where}.{key}={value} needs block=pre_norm (residual)")
         return cfg
-    if block == "gated":
-        if cfg.spatial_shift:
-            raise UserError(f"{where}.spatial_shift={cfg.spatial_shift} needs block=pre_norm")
-        for i, ((token_hidden, _), (channel_hidden, _)) in enumerate(
-            zip(cfg.token_mlp, cfg.channel_mlp, strict=True)
-        ):
-            if token_hidden != cfg.num_patches:
-                raise UserError(
-                    f"{where}.token_mlp[{i}] = [{token_hidden}, ...]: a gated block mixes the "
-                    f"tokens with one {cfg.num_patches} -> {cfg.num_patches} layer; use "
-                    f"[{cfg.num_patches}, {cfg.num_patches}]"
-                )
-            if channel_hidden % 2:
-                raise UserError(
-                    f"{where}.channel_mlp[{i}] hidden width {channel_hidden} is odd; a gated "
-                    "block splits it into two halves (gate and value)"
-                )
-    # A residual block adds its input to its output, so no block may change the widths.
-    for i, ((_, tokens_out), (_, channels_out)) in enumerate(
+    if block == "gated" and cfg.spatial_shift:
+        raise UserError(f"{where}.spatial_shift={cfg.spatial_shift} needs block=pre_norm")
+    # A residual block adds its input to its output, so no block may change the widths; a gated
+    # block's token layer is tokens -> tokens and its hidden width splits into two halves.
+    for i, ((token_hidden, tokens_out), (channel_hidden, channels_out)) in enumerate(
         zip(cfg.token_mlp, cfg.channel_mlp, strict=True)
     ):
+        if block == "gated" and token_hidden != cfg.num_patches:
+            raise UserError(
+                f"{where}.token_mlp[{i}] = [{token_hidden}, ...]: a gated block mixes the "
+                f"tokens with one {cfg.num_patches} -> {cfg.num_patches} layer; use "
+                f"[{cfg.num_patches}, {cfg.num_patches}]"
+            )
+        if block == "gated" and channel_hidden % 2:
+            raise UserError(
+                f"{where}.channel_mlp[{i}] hidden width {channel_hidden} is odd; a gated "
+                "block splits it into two halves (gate and value)"
+            )
         if tokens_out != cfg.num_patches:
             raise UserError(
                 f"{where}.token_mlp[{i}] outputs {tokens_out} tokens; a {block} block must keep "
