@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <immintrin.h>
 #include <vector>
 
 namespace {
@@ -291,10 +292,328 @@ std::vector<torch::Tensor> relu_grad_row_sums(torch::Tensor grad, torch::Tensor 
   return {g, bias_grad};
 }
 
+// ---- The report block's token MLP, Y = W2 relu(W1 X + b1) + b2 over the token rows ----
+//
+// X is (tokens, columns), columns = batch x channels. oneDNN ran each of its products at
+// 220-280 GFLOP/s against 400-450 on square ones: the outputs (up to 80 x 76800) are written
+// to memory and read back by the next pass. Here the columns go in tiles of kTile: a tile's
+// hidden layer is computed, rectified and used by the second layer while in L1/L2, and the
+// outputs that only later passes read are written with streaming stores. The hidden layer is
+// saved for the backward in tile order ((tiles, hidden, kTile): each tile one contiguous block).
+// The backward does the same per tile: the ReLU's gradient, both input products and the
+// weight and bias gradients' sums, over a fixed number of column chunks (kTokenChunks, each
+// summed in float, then added in chunk order in double: the same result for any thread count).
+namespace {
+
+typedef float vec __attribute__((vector_size(64)));                  // 16 floats
+typedef float unaligned_vec __attribute__((vector_size(64), aligned(4)));
+constexpr int kVecs = 4;                      // vectors per tile row
+constexpr int64_t kTile = 16 * kVecs;         // columns per tile
+constexpr int kRows = 5;  // output rows per register block of `product`: 80 and 60 rows in full blocks
+constexpr int64_t kTokenChunks = 16;
+
+inline vec load(const float* p) { return *reinterpret_cast<const unaligned_vec*>(p); }
+inline void store(float* p, vec v) { *reinterpret_cast<unaligned_vec*>(p) = v; }
+inline vec splat(float a) { return vec{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
+inline void store_streaming(float* p, vec v) {  // p 64-byte aligned
+#ifdef __AVX512F__
+  _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+#else
+  store(p, v);
+#endif
+}
+inline float sum_lanes(vec v) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
+#else
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+#endif
+}
+
+// What `product` does with its result before storing it.
+struct Epilogue {
+  const float* bias = nullptr;  // one per output row
+  bool relu = false;
+  const float* mask = nullptr;  // (rows, kTile): keep where mask > 0 (a ReLU's backward)
+  bool streaming = false;       // C is 64-byte aligned and not read again soon
+};
+
+// C[R x kTile] = A[R x K] B[K x kTile], then the epilogue: R rows of A at stride lda, B's rows
+// at stride kTile, C's at stride ldc. All R x kTile sums stay in registers over the K loop.
+template <int R>
+inline void product_rows(const float* A, int64_t lda, const float* B, float* C, int64_t ldc,
+                         int64_t K, const Epilogue& e) {
+  vec acc[R][kVecs];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = splat(e.bias ? e.bias[r] : 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    vec b[kVecs];
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) b[v] = load(B + k * kTile + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vec a = splat(A[r * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  const vec zero{};
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) {
+      vec out = acc[r][v];
+      if (e.relu) out = out > zero ? out : zero;
+      if (e.mask) out = load(e.mask + r * kTile + 16 * v) > zero ? out : zero;
+      if (e.streaming)
+        store_streaming(C + r * ldc + 16 * v, out);
+      else
+        store(C + r * ldc + 16 * v, out);
+    }
+}
+
+// C[M x kTile] = A[M x K] B[K x kTile] (B a packed tile), register block by register block.
+inline void product(int64_t M, const float* A, const float* B, float* C, int64_t ldc, int64_t K,
+                    Epilogue e) {
+  int64_t r = 0;
+  const auto at = [&](int64_t row) {
+    Epilogue shifted = e;
+    if (e.bias) shifted.bias = e.bias + row;
+    if (e.mask) shifted.mask = e.mask + row * kTile;
+    return shifted;
+  };
+  for (; r + kRows <= M; r += kRows) product_rows<kRows>(A + r * K, K, B, C + r * ldc, ldc, K, at(r));
+  const float* a = A + r * K;
+  float* c = C + r * ldc;
+  switch (M - r) {
+    case 4: product_rows<4>(a, K, B, c, ldc, K, at(r)); break;
+    case 3: product_rows<3>(a, K, B, c, ldc, K, at(r)); break;
+    case 2: product_rows<2>(a, K, B, c, ldc, K, at(r)); break;
+    case 1: product_rows<1>(a, K, B, c, ldc, K, at(r)); break;
+    default: break;
+  }
+}
+
+// `rows` rows of `cols` <= kTile columns at stride ld -> a packed tile, zero beyond `cols`.
+inline void pack_tile(const float* src, int64_t ld, int64_t rows, int64_t cols, float* tile) {
+  if (cols == kTile) {
+    for (int64_t r = 0; r < rows; ++r) {
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) {  // the same row two tiles on: the next but one to pack
+        __builtin_prefetch(src + r * ld + 2 * kTile + 16 * v, 0, 0);
+        store(tile + r * kTile + 16 * v, load(src + r * ld + 16 * v));
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < kTile; ++c) tile[r * kTile + c] = c < cols ? src[r * ld + c] : 0.0f;
+}
+
+// The first `cols` columns of a packed tile -> rows at stride ld.
+inline void unpack_tile(const float* tile, int64_t rows, int64_t cols, float* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = tile[r * kTile + c];
+}
+
+// acc[i * ldc + j] += sum over the columns of `tiles` packed tiles of A[i, :] B[j, :], for an
+// R x S block; A's and B's tiles at strides a_step and b_step.
+template <int R, int S>
+inline void dot_block(const float* A, int64_t a_step, const float* B, int64_t b_step, int64_t tiles,
+                      float* acc, int64_t ldc) {
+  vec sums[R][S] = {};
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int v = 0; v < kVecs; ++v) {
+      vec a[R];
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) a[i] = load(A + t * a_step + i * kTile + 16 * v);
+#pragma GCC unroll 5
+      for (int j = 0; j < S; ++j) {
+        const vec b = load(B + t * b_step + j * kTile + 16 * v);
+#pragma GCC unroll 4
+        for (int i = 0; i < R; ++i) sums[i][j] += a[i] * b;
+      }
+    }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < S; ++j) acc[i * ldc + j] += sum_lanes(sums[i][j]);
+}
+
+template <int R>
+inline void dot_row_block(const float* A, int64_t a_step, const float* B, int64_t b_step,
+                          int64_t N, int64_t tiles, float* acc) {
+  int64_t j = 0;
+  for (; j + 5 <= N; j += 5)
+    dot_block<R, 5>(A, a_step, B + j * kTile, b_step, tiles, acc + j, N);
+  const float* b = B + j * kTile;
+  switch (N - j) {
+    case 4: dot_block<R, 4>(A, a_step, b, b_step, tiles, acc + j, N); break;
+    case 3: dot_block<R, 3>(A, a_step, b, b_step, tiles, acc + j, N); break;
+    case 2: dot_block<R, 2>(A, a_step, b, b_step, tiles, acc + j, N); break;
+    case 1: dot_block<R, 1>(A, a_step, b, b_step, tiles, acc + j, N); break;
+    default: break;
+  }
+}
+
+// acc (M x N) += A B^T over `tiles` consecutive packed tiles: A's tiles (M, kTile) at stride
+// a_step, B's (N, kTile) at stride b_step. The weight gradient of a token layer.
+inline void dot_tiles(int64_t M, const float* A, int64_t a_step, int64_t N, const float* B,
+                      int64_t b_step, int64_t tiles, float* acc) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4)
+    dot_row_block<4>(A + i * kTile, a_step, B, b_step, N, tiles, acc + i * N);
+  const float* a = A + i * kTile;
+  float* c = acc + i * N;
+  switch (M - i) {
+    case 3: dot_row_block<3>(a, a_step, B, b_step, N, tiles, c); break;
+    case 2: dot_row_block<2>(a, a_step, B, b_step, N, tiles, c); break;
+    case 1: dot_row_block<1>(a, a_step, B, b_step, N, tiles, c); break;
+    default: break;
+  }
+}
+
+// acc[i] += the sum of row i over `tiles` packed tiles of M rows (the bias gradient).
+inline void row_sums_tiles(int64_t M, const float* A, int64_t a_step, int64_t tiles, float* acc) {
+  for (int64_t i = 0; i < M; ++i) {
+    vec s{};
+    for (int64_t t = 0; t < tiles; ++t)
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) s += load(A + t * a_step + i * kTile + 16 * v);
+    acc[i] += sum_lanes(s);
+  }
+}
+
+void check_token_mlp(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2) {
+  check_rows(x, "x");
+  check_rows(w1, "w1");
+  check_rows(w2, "w2");
+  TORCH_CHECK(w1.size(1) == x.size(0) && w2.size(1) == w1.size(0),
+              "token MLP shapes: x (tokens, N), w1 (hidden, tokens), w2 (out, hidden)");
+}
+
+}  // namespace
+
+// Y = W2 relu(W1 X + b1) + b2 for X (tokens, N): returns Y (out, N) and the hidden layer
+// relu(W1 X + b1) in tile order (tiles, hidden, kTile), zero-padded X columns past N.
+std::vector<torch::Tensor> token_mlp_forward(torch::Tensor x, torch::Tensor w1, torch::Tensor b1,
+                                             torch::Tensor w2, torch::Tensor b2) {
+  check_token_mlp(x, w1, w2);
+  const int64_t K = x.size(0), N = x.size(1), H = w1.size(0), O = w2.size(0);
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  torch::Tensor hidden = torch::empty({tiles, H, kTile}, x.options());
+  torch::Tensor y = torch::empty({O, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* hp = hidden.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float *w1p = w1.data_ptr<float>(), *b1p = b1.data_ptr<float>();
+  const float *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
+  // streaming stores need 64-byte aligned rows
+  const bool aligned_rows = N % 16 == 0 && reinterpret_cast<uintptr_t>(yp) % 64 == 0;
+#pragma omp parallel
+  {
+    std::vector<float> x_tile(K * kTile), h_tile(H * kTile), y_tile(O * kTile);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t j = t * kTile, cols = std::min(kTile, N - j);
+      pack_tile(xp + j, N, K, cols, x_tile.data());
+      product(H, w1p, x_tile.data(), h_tile.data(), kTile, K, {b1p, true, nullptr, false});
+      if (cols == kTile) {
+        product(O, w2p, h_tile.data(), yp + j, N, H, {b2p, false, nullptr, aligned_rows});
+      } else {
+        product(O, w2p, h_tile.data(), y_tile.data(), kTile, H, {b2p, false, nullptr, false});
+        unpack_tile(y_tile.data(), O, cols, yp + j, N);
+      }
+      float* saved = hp + t * H * kTile;
+      for (int64_t i = 0; i < H * kTile; i += 16) store_streaming(saved + i, load(h_tile.data() + i));
+    }
+  }
+  return {y, hidden};
+}
+
+// The gradients of token_mlp_forward from grad = dL/dY (out, N): grad_x (tokens, N) (empty
+// unless `input_grad`), grad_w1, grad_b1, grad_w2, grad_b2.
+std::vector<torch::Tensor> token_mlp_backward(torch::Tensor grad, torch::Tensor x,
+                                              torch::Tensor hidden, torch::Tensor w1,
+                                              torch::Tensor w2, bool input_grad) {
+  check_token_mlp(x, w1, w2);
+  check_rows(grad, "grad");
+  const int64_t K = x.size(0), N = x.size(1), H = w1.size(0), O = w2.size(0);
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  TORCH_CHECK(grad.size(0) == O && grad.size(1) == N && hidden.is_contiguous() &&
+                  hidden.numel() == tiles * H * kTile,
+              "token MLP backward: grad (out, N), hidden as token_mlp_forward saved it");
+  const torch::Tensor w1_t = w1.t().contiguous(), w2_t = w2.t().contiguous();
+  torch::Tensor grad_x = torch::empty({input_grad ? K : 0, N}, x.options());
+  const float *gp = grad.data_ptr<float>(), *xp = x.data_ptr<float>();
+  const float *hp = hidden.data_ptr<float>(), *w1tp = w1_t.data_ptr<float>();
+  const float* w2tp = w2_t.data_ptr<float>();
+  float* gxp = grad_x.data_ptr<float>();
+  const bool aligned_rows = N % 16 == 0 && reinterpret_cast<uintptr_t>(gxp) % 64 == 0;
+  // per chunk: grad_w2 (O x H), grad_w1 (H x K), grad_b2 (O), grad_b1 (H)
+  const int64_t sizes = O * H + H * K + O + H;
+  std::vector<float> partial(kTokenChunks * sizes, 0.0f);
+  constexpr int64_t kGroup = 8;  // tiles whose weight-gradient sums share one register pass
+#pragma omp parallel
+  {
+    std::vector<float> g_tiles(kGroup * O * kTile), x_tiles(kGroup * K * kTile),
+        gh_tiles(kGroup * H * kTile), gx_tile(K * kTile);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < kTokenChunks; ++c) {
+      float* acc_w2 = partial.data() + c * sizes;
+      float* acc_w1 = acc_w2 + O * H;
+      float* acc_b2 = acc_w1 + H * K;
+      float* acc_b1 = acc_b2 + O;
+      const int64_t first = c * tiles / kTokenChunks, last = (c + 1) * tiles / kTokenChunks;
+      for (int64_t t0 = first; t0 < last; t0 += kGroup) {
+        const int64_t group = std::min(kGroup, last - t0);
+        for (int64_t u = 0; u < group; ++u) {
+          const int64_t t = t0 + u, j = t * kTile, cols = std::min(kTile, N - j);
+          float* g_tile = g_tiles.data() + u * O * kTile;
+          float* gh_tile = gh_tiles.data() + u * H * kTile;
+          if (t + 1 < last)  // the next tile's saved hidden layer, read by the epilogue's mask
+            for (int64_t i = 0; i < H * kTile; i += 16) __builtin_prefetch(hp + (t + 1) * H * kTile + i);
+          pack_tile(gp + j, N, O, cols, g_tile);
+          pack_tile(xp + j, N, K, cols, x_tiles.data() + u * K * kTile);
+          // through the second layer and the ReLU (mask: the saved hidden layer)
+          product(H, w2tp, g_tile, gh_tile, kTile, O, {nullptr, false, hp + t * H * kTile, false});
+          if (!input_grad) continue;
+          if (cols == kTile) {
+            product(K, w1tp, gh_tile, gxp + j, N, H, {nullptr, false, nullptr, aligned_rows});
+          } else {
+            product(K, w1tp, gh_tile, gx_tile.data(), kTile, H, {});
+            unpack_tile(gx_tile.data(), K, cols, gxp + j, N);
+          }
+        }
+        dot_tiles(O, g_tiles.data(), O * kTile, H, hp + t0 * H * kTile, H * kTile, group, acc_w2);
+        dot_tiles(H, gh_tiles.data(), H * kTile, K, x_tiles.data(), K * kTile, group, acc_w1);
+        row_sums_tiles(O, g_tiles.data(), O * kTile, group, acc_b2);
+        row_sums_tiles(H, gh_tiles.data(), H * kTile, group, acc_b1);
+      }
+    }
+  }
+  std::vector<double> total(sizes, 0.0);
+  for (int64_t c = 0; c < kTokenChunks; ++c)
+    for (int64_t i = 0; i < sizes; ++i) total[i] += partial[c * sizes + i];
+  auto opts = x.options();
+  torch::Tensor grad_w2 = torch::empty({O, H}, opts), grad_w1 = torch::empty({H, K}, opts),
+                grad_b2 = torch::empty({O}, opts), grad_b1 = torch::empty({H}, opts);
+  std::copy(total.begin(), total.begin() + O * H, grad_w2.data_ptr<float>());
+  std::copy(total.begin() + O * H, total.begin() + O * H + H * K, grad_w1.data_ptr<float>());
+  std::copy(total.begin() + O * H + H * K, total.begin() + O * H + H * K + O,
+            grad_b2.data_ptr<float>());
+  std::copy(total.end() - H, total.end(), grad_b1.data_ptr<float>());
+  return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm_dropout_forward", &batch_norm_dropout_forward);
   m.def("batch_norm_dropout_backward", &batch_norm_dropout_backward);
   m.def("linear_grad", &linear_grad);
   m.def("bias_relu_rows_", &bias_relu_rows_);
   m.def("relu_grad_row_sums", &relu_grad_row_sums);
+  m.def("token_mlp_forward", &token_mlp_forward);
+  m.def("token_mlp_backward", &token_mlp_backward);
 }

@@ -214,11 +214,61 @@ class MLP(nn.Sequential):
         return x
 
 
+class _FusedTokenMLPFunction(torch.autograd.Function):
+    """W2 relu(W1 X + b1) + b2 over the first axis of x, X = x as (tokens, batch * channels), on
+    the fused kernel of `kernels.cpp`: column tile by column tile, the hidden layer used while
+    in cache (docs/speed.md)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        rows = x.reshape(x.shape[0], -1).contiguous()
+        out, hidden = kernels.load().token_mlp_forward(
+            rows, w1.detach(), b1.detach(), w2.detach(), b2.detach()
+        )
+        ctx.save_for_backward(rows, hidden, w1, w2)
+        ctx.x_shape = x.shape
+        return out.view(-1, *x.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, hidden, w1, w2 = ctx.saved_tensors
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = kernels.load().token_mlp_backward(
+            grad.reshape(w2.shape[0], -1).contiguous(),
+            rows,
+            hidden,
+            w1.detach(),
+            w2.detach(),
+            ctx.needs_input_grad[0],
+        )
+        grad_x = grad_x.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+class TokenMLP(MLP):
+    """The MLP along the token axis: TokenLinear, ReLU, TokenLinear runs as one fused kernel
+    where it applies (fp32 on a CPU, eager, the kernels built), else layer by layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, activation, second = self
+        if (
+            isinstance(activation, nn.ReLU)
+            and first.onednn
+            and second.onednn
+            and _onednn_applies(x)
+            and kernels.fused() is not None
+        ):
+            return _FusedTokenMLPFunction.apply(
+                x, first.weight, first.bias, second.weight, second.bias
+            )
+        return super().forward(x)
+
+
 def mlp(
     width_in: int, hidden: int, width_out: int, activation: str, linear: type = Linear
 ) -> MLP:
     """Linear, non-linearity g, Linear: the two-layer MLP of the specification."""
-    return MLP(linear(width_in, hidden), ACTIVATIONS[activation](), linear(hidden, width_out))
+    layers = (linear(width_in, hidden), ACTIVATIONS[activation](), linear(hidden, width_out))
+    return TokenMLP(*layers) if linear is TokenLinear else MLP(*layers)
 
 
 def norm(kind: str, channels: int) -> nn.Module:

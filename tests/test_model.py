@@ -27,6 +27,7 @@ from stages.model import (
     batch_norm_dropout,
     count_parameters,
     forward_flops,
+    mlp,
     patchify,
     spatial_shift,
 )
@@ -70,11 +71,13 @@ def counted_flops(model: nn.Module, images: torch.Tensor) -> int:
         total += rows * module.in_features * module.out_features
 
     handles = [m.register_forward_hook(hook) for m in linears(model)]
+    kernels.use = False  # the fused token MLP runs its layers' products without calling them
     try:
         model.eval()
         with torch.no_grad():
             model(images)
     finally:
+        kernels.use = True
         for h in handles:
             h.remove()
     return 2 * total // images.shape[0]
@@ -477,6 +480,86 @@ def test_without_kernels_the_block_uses_torchs_modules(monkeypatch):
     y = batch_norm_dropout(x, copy.deepcopy(norm), Dropout(0.2))
     torch.manual_seed(3)
     assert torch.equal(y, Dropout(0.2)(copy.deepcopy(norm)(x)))
+
+
+
+def token_mlp_and_input(tokens, hidden, out, batch, channels):
+    torch.manual_seed(0)
+    layers = mlp(tokens, hidden, out, "relu", linear=TokenLinear)
+    with torch.no_grad():
+        for layer in (layers[0], layers[2]):
+            layer.bias.uniform_(-0.5, 0.5)
+    return layers, torch.randn(tokens, batch, channels)
+
+
+def token_mlp_grads(layers, x, grad):
+    x = x.clone().requires_grad_()
+    y = layers(x)
+    y.backward(grad)
+    grads = [x.grad] + [p.grad for p in layers.parameters()]
+    layers.zero_grad(set_to_none=True)
+    return y, grads
+
+
+# batch * channels: a multiple of the kernel's 64-column tile, one with a partial last tile,
+# and fewer columns than one tile
+@pytest.mark.parametrize(
+    "shape", [(49, 80, 60, 16, 300), (49, 80, 60, 8, 300), (20, 16, 10, 3, 5)]
+)
+def test_fused_token_mlp_computes_the_layers(shape):
+    """The token MLP's fused kernel (TokenLinear, ReLU, TokenLinear in one pass over column
+    tiles) gives the layers' outputs and all five gradients, against float64 up to fp32
+    rounding."""
+    layers, x = token_mlp_and_input(*shape)
+    grad = torch.randn(shape[2], *x.shape[1:])
+    y, grads = token_mlp_grads(layers, x, grad)
+    assert type(y.grad_fn).__name__ == "_FusedTokenMLPFunctionBackward"
+    assert (y != 0).all()  # the second layer has no ReLU; the first one's is exercised below
+    reference = copy.deepcopy(layers).double()
+    ref_y, ref_grads = token_mlp_grads(reference, x.double(), grad.double())
+    assert type(ref_y.grad_fn).__name__ != "_FusedTokenMLPFunctionBackward"  # float64: layers
+    hidden = reference[0](x.double())
+    assert 0.2 < (hidden <= 0).double().mean() < 0.8
+    assert torch.allclose(y.double(), ref_y, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(grads, ref_grads, strict=True):
+        assert ours.shape == ref.shape
+        assert torch.allclose(ours.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
+
+
+def test_fused_token_mlp_sums_the_same_with_any_thread_count():
+    """The weight gradients are sums over a fixed number of column chunks: one thread and two
+    give the same bits."""
+    layers, x = token_mlp_and_input(49, 80, 60, 16, 300)
+    grad = torch.randn(60, *x.shape[1:])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(token_mlp_grads(layers, x, grad))
+    finally:
+        torch.set_num_threads(threads)
+    (y1, grads1), (y2, grads2) = results
+    assert torch.equal(y1, y2)
+    assert all(torch.equal(a, b) for a, b in zip(grads1, grads2, strict=True))
+
+
+def test_token_mlp_runs_layer_by_layer_where_the_kernel_does_not_apply():
+    """Without the kernels, with a GELU, or with a layer on torch's products, the token MLP is
+    its layers in order, with the same parameters and function."""
+    layers, x = token_mlp_and_input(49, 80, 60, 4, 300)
+    fused = layers(x)
+    kernels.use = False
+    try:
+        unfused = layers(x)
+    finally:
+        kernels.use = True
+    assert type(unfused.grad_fn).__name__ != "_FusedTokenMLPFunctionBackward"
+    assert torch.allclose(fused, unfused, rtol=1e-5, atol=1e-5)
+    gelu = mlp(49, 80, 60, "gelu", linear=TokenLinear)
+    assert "FusedTokenMLP" not in type(gelu(x).grad_fn).__name__
+    layers[2].onednn = False
+    assert "FusedTokenMLP" not in type(layers(x).grad_fn).__name__
 
 
 # ---------------------------------------------------------------- initialisation
