@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from stages import kernels
 from stages.config import resolve_run
 from stages.model import ONEDNN_LINEAR, Linear, TokenLinear, _onednn_mm
 from stages.training import build_model, keep_freed_memory
@@ -53,10 +54,14 @@ def linear_inputs(cfg) -> dict[str, tuple[Linear, torch.Tensor]]:
         for name, module in model.named_modules()
         if isinstance(module, Linear)
     ]
-    with torch.no_grad():
-        model(torch.rand(cfg.batch_size, 1, 28, 28))
-    for hook in hooks:
-        hook.remove()
+    kernels.use = False  # layer by layer: the fused token MLP does not call its layers
+    try:
+        with torch.no_grad():
+            model(torch.rand(cfg.batch_size, 1, 28, 28))
+    finally:
+        kernels.use = True
+        for hook in hooks:
+            hook.remove()
     return captured
 
 

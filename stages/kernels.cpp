@@ -54,14 +54,18 @@ std::vector<double> column_sums(int64_t rows, int64_t cols, int sums, F f) {
 
 // x (N, C) -> y = dropout(batch_norm(x)), keep (N, C) uint8 (empty when threshold is 0),
 // the batch mean and biased variance per column, and invstd = 1 / sqrt(var + eps).
+// `sums`: x's column sums and sums of squares (2, C) in float64 where the pass that wrote x
+// took them (token_mlp_forward), else empty.
 std::vector<torch::Tensor> batch_norm_dropout_forward(torch::Tensor x, torch::Tensor weight,
                                                       torch::Tensor bias, double eps,
                                                       int64_t threshold, double scale,
-                                                      int64_t seed) {
+                                                      int64_t seed, torch::Tensor sums_given) {
   check_rows(x, "x");
   const int64_t N = x.size(0), C = x.size(1);
   const float* xp = x.data_ptr<float>();
-  const std::vector<double> sums = column_sums(N, C, 2, [&](int64_t i, double* acc) {
+  const std::vector<double> sums = sums_given.numel() ? std::vector<double>(
+      sums_given.data_ptr<double>(), sums_given.data_ptr<double>() + 2 * C)
+      : column_sums(N, C, 2, [&](int64_t i, double* acc) {
     const float* row = xp + i * C;
     double* sq = acc + C;
 #pragma omp simd
@@ -122,36 +126,49 @@ std::vector<torch::Tensor> batch_norm_dropout_forward(torch::Tensor x, torch::Te
   return {y, keep, mean, var, invstd};
 }
 
-// The gradients of batch_norm_dropout_forward: (grad_x, grad_weight, grad_bias). With g the
-// gradient at the BatchNorm's output (grad through the mask) and xhat = (x - mean) * invstd:
-// grad_bias = sum g, grad_weight = sum g xhat, grad_x = w invstd (g - mean g - xhat mean g xhat).
-template <bool kDropout>
-std::vector<torch::Tensor> batch_norm_dropout_backward_impl(
-    const torch::Tensor& grad, const torch::Tensor& x, const torch::Tensor& keep,
-    const torch::Tensor& mean, const torch::Tensor& invstd, const torch::Tensor& weight,
-    double scale) {
+// The gradients of batch_norm_dropout_forward. With g the gradient at the BatchNorm's output
+// (grad through the mask) and xhat = (x - mean) * invstd: grad_bias = sum g, grad_weight =
+// sum g xhat, grad_x = w invstd (g - mean g - xhat mean g xhat) = grad * keep * a + x * b + d
+// per column. Returns grad_weight, grad_bias and the columns' a, b, d (one pass over the rows).
+std::vector<torch::Tensor> batch_norm_dropout_grad_terms(torch::Tensor grad, torch::Tensor x,
+                                                         torch::Tensor keep, torch::Tensor mean,
+                                                         torch::Tensor invstd,
+                                                         torch::Tensor weight, double scale) {
+  check_rows(grad, "grad");
+  check_rows(x, "x");
   const int64_t N = x.size(0), C = x.size(1);
   const float* gp = grad.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
-  const uint8_t* kp = kDropout ? keep.data_ptr<uint8_t>() : nullptr;
+  const bool dropout = keep.numel() > 0;
+  const uint8_t* kp = dropout ? keep.data_ptr<uint8_t>() : nullptr;
   const float* mp = mean.data_ptr<float>();
   const float s = scale;
   const std::vector<double> sums = column_sums(N, C, 2, [&](int64_t i, double* acc) {
     const float* g = gp + i * C;
     const float* row = xp + i * C;
-    const uint8_t* k = kp + i * C;
     double* gx = acc + C;
+    if (dropout) {
+      const uint8_t* k = kp + i * C;
 #pragma omp simd
-    for (int64_t j = 0; j < C; ++j) {
-      const double gb = kDropout ? g[j] * s * k[j] : g[j] * s;
-      acc[j] += gb;
-      gx[j] += gb * (row[j] - mp[j]);
+      for (int64_t j = 0; j < C; ++j) {
+        const double gb = g[j] * s * k[j];
+        acc[j] += gb;
+        gx[j] += gb * (row[j] - mp[j]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) {
+        const double gb = g[j] * s;
+        acc[j] += gb;
+        gx[j] += gb * (row[j] - mp[j]);
+      }
     }
   });
 
   auto opts = x.options();
   torch::Tensor grad_weight = torch::empty({C}, opts), grad_bias = torch::empty({C}, opts);
-  std::vector<float> ka(C), kb(C), kd(C);  // grad_x = g * ka + x * kb + kd
+  torch::Tensor a = torch::empty({C}, opts), b = torch::empty({C}, opts),
+                d = torch::empty({C}, opts);
   const float* w = weight.data_ptr<float>();
   const float* is = invstd.data_ptr<float>();
   for (int64_t j = 0; j < C; ++j) {
@@ -159,38 +176,41 @@ std::vector<torch::Tensor> batch_norm_dropout_backward_impl(
     const double k1 = static_cast<double>(w[j]) * is[j];
     grad_bias.data_ptr<float>()[j] = sums[j];
     grad_weight.data_ptr<float>()[j] = sums[C + j] * is[j];
-    ka[j] = k1 * s;  // the dropout's scale folded in
-    kb[j] = -k1 * is[j] * mean_gxhat;
-    kd[j] = k1 * (mp[j] * is[j] * mean_gxhat - mean_g);
+    a.data_ptr<float>()[j] = k1 * s;  // the dropout's scale folded in
+    b.data_ptr<float>()[j] = -k1 * is[j] * mean_gxhat;
+    d.data_ptr<float>()[j] = k1 * (mp[j] * is[j] * mean_gxhat - mean_g);
   }
+  return {grad_weight, grad_bias, a, b, d};
+}
 
+// grad_x = grad * keep * a + x * b + d per column (the terms of batch_norm_dropout_grad_terms).
+torch::Tensor batch_norm_dropout_grad_input(torch::Tensor grad, torch::Tensor x, torch::Tensor keep,
+                                            torch::Tensor a, torch::Tensor b, torch::Tensor d) {
+  check_rows(grad, "grad");
+  check_rows(x, "x");
+  const int64_t N = x.size(0), C = x.size(1);
+  const float* gp = grad.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const bool dropout = keep.numel() > 0;
+  const uint8_t* kp = dropout ? keep.data_ptr<uint8_t>() : nullptr;
+  const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(), *dp = d.data_ptr<float>();
   torch::Tensor grad_x = torch::empty_like(x);
   float* gxp = grad_x.data_ptr<float>();
-  const float* ap = ka.data();
-  const float* bp = kb.data();
-  const float* dp = kd.data();
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     const float* g = gp + i * C;
     const float* row = xp + i * C;
-    const uint8_t* k = kp + i * C;
     float* out = gxp + i * C;
+    if (dropout) {
+      const uint8_t* k = kp + i * C;
 #pragma omp simd
-    for (int64_t j = 0; j < C; ++j)
-      out[j] = (kDropout ? g[j] * k[j] : g[j]) * ap[j] + row[j] * bp[j] + dp[j];
+      for (int64_t j = 0; j < C; ++j) out[j] = g[j] * k[j] * ap[j] + row[j] * bp[j] + dp[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) out[j] = g[j] * ap[j] + row[j] * bp[j] + dp[j];
+    }
   }
-  return {grad_x, grad_weight, grad_bias};
-}
-
-std::vector<torch::Tensor> batch_norm_dropout_backward(torch::Tensor grad, torch::Tensor x,
-                                                       torch::Tensor keep, torch::Tensor mean,
-                                                       torch::Tensor invstd, torch::Tensor weight,
-                                                       double scale) {
-  check_rows(grad, "grad");
-  check_rows(x, "x");
-  return keep.numel() > 0
-             ? batch_norm_dropout_backward_impl<true>(grad, x, keep, mean, invstd, weight, scale)
-             : batch_norm_dropout_backward_impl<false>(grad, x, keep, mean, invstd, weight, scale);
+  return grad_x;
 }
 
 // For a Linear layer's backward over rows: g = grad through the ReLU whose output is `out`
@@ -338,6 +358,7 @@ struct Epilogue {
   bool relu = false;
   const float* mask = nullptr;  // (rows, kTile): keep where mask > 0 (a ReLU's backward)
   bool streaming = false;       // C is 64-byte aligned and not read again soon
+  float* column_sums = nullptr; // (2, kTile): += the result's column sums and sums of squares
 };
 
 // C[R x kTile] = A[R x K] B[K x kTile], then the epilogue: R rows of A at stride lda, B's rows
@@ -369,6 +390,11 @@ inline void product_rows(const float* A, int64_t lda, const float* B, float* C, 
       vec out = acc[r][v];
       if (e.relu) out = out > zero ? out : zero;
       if (e.mask) out = load(e.mask + r * kTile + 16 * v) > zero ? out : zero;
+      if (e.column_sums) {
+        float* sums = e.column_sums + 16 * v;
+        store(sums, load(sums) + out);
+        store(sums + kTile, load(sums + kTile) + out * out);
+      }
       if (e.streaming)
         store_streaming(C + r * ldc + 16 * v, out);
       else
@@ -486,6 +512,51 @@ inline void row_sums_tiles(int64_t M, const float* A, int64_t a_step, int64_t ti
   }
 }
 
+// The BatchNorm + dropout's input gradient grad * keep * a + x * b + d (batch_norm_dropout_grad_input)
+// for `rows` rows of `cols` <= kTile columns from column j, as a packed tile (zero beyond
+// `cols`); a, b, d hold the columns' terms, extended by kTile (a[i] = a[i % channels]).
+struct NormGrad {
+  const float* y;       // the BatchNorm's input, rows at stride N
+  const uint8_t* keep;  // the dropout mask, the same layout, or nullptr
+  const float *a, *b, *d;
+  int64_t channels;
+};
+
+inline void pack_norm_grad_tile(const float* grad, int64_t ld, int64_t rows, int64_t j,
+                                int64_t cols, const NormGrad& n, float* tile) {
+  typedef uint8_t bytes __attribute__((vector_size(16)));
+  const int64_t ch = j % n.channels;
+  if (cols == kTile) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = r * ld + j;
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) {
+        __builtin_prefetch(grad + at + 2 * kTile + 16 * v, 0, 0);
+        __builtin_prefetch(n.y + at + 2 * kTile + 16 * v, 0, 0);
+        vec g = load(grad + at + 16 * v);
+        if (n.keep) {
+          bytes k;
+          __builtin_memcpy(&k, n.keep + at + 16 * v, sizeof k);
+          g *= __builtin_convertvector(k, vec);
+        }
+        store(tile + r * kTile + 16 * v, g * load(n.a + ch + 16 * v) +
+                                             load(n.y + at + 16 * v) * load(n.b + ch + 16 * v) +
+                                             load(n.d + ch + 16 * v));
+      }
+      if (n.keep) __builtin_prefetch(n.keep + at + 2 * kTile, 0, 0);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < kTile; ++c) {
+      const int64_t at = r * ld + j + c;
+      tile[r * kTile + c] =
+          c < cols ? grad[at] * (n.keep ? n.keep[at] : 1) * n.a[ch + c] + n.y[at] * n.b[ch + c] +
+                         n.d[ch + c]
+                   : 0.0f;
+    }
+}
+
 void check_token_mlp(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2) {
   check_rows(x, "x");
   check_rows(w1, "w1");
@@ -496,13 +567,18 @@ void check_token_mlp(const torch::Tensor& x, const torch::Tensor& w1, const torc
 
 }  // namespace
 
-// Y = W2 relu(W1 X + b1) + b2 for X (tokens, N): returns Y (out, N) and the hidden layer
-// relu(W1 X + b1) in tile order (tiles, hidden, kTile), zero-padded X columns past N.
+// Y = W2 relu(W1 X + b1) + b2 for X (tokens, N): returns Y (out, N), the hidden layer
+// relu(W1 X + b1) in tile order (tiles, hidden, kTile) (zero-padded X columns past N), and with
+// `channels` > 0 the sums and sums of squares (2, channels) in float64 of Y's values by channel,
+// column j being channel j % channels: the statistics of the BatchNorm that follows.
 std::vector<torch::Tensor> token_mlp_forward(torch::Tensor x, torch::Tensor w1, torch::Tensor b1,
-                                             torch::Tensor w2, torch::Tensor b2) {
+                                             torch::Tensor w2, torch::Tensor b2,
+                                             int64_t channels) {
   check_token_mlp(x, w1, w2);
   const int64_t K = x.size(0), N = x.size(1), H = w1.size(0), O = w2.size(0);
   const int64_t tiles = (N + kTile - 1) / kTile;
+  const bool stats = channels > 0;
+  TORCH_CHECK(!stats || N % channels == 0, "token MLP: columns must be whole rows of channels");
   torch::Tensor hidden = torch::empty({tiles, H, kTile}, x.options());
   torch::Tensor y = torch::empty({O, N}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -512,34 +588,55 @@ std::vector<torch::Tensor> token_mlp_forward(torch::Tensor x, torch::Tensor w1, 
   const float *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
   // streaming stores need 64-byte aligned rows
   const bool aligned_rows = N % 16 == 0 && reinterpret_cast<uintptr_t>(yp) % 64 == 0;
+  std::vector<double> partial(stats ? kTokenChunks * 2 * channels : 0, 0.0);
 #pragma omp parallel
   {
-    std::vector<float> x_tile(K * kTile), h_tile(H * kTile), y_tile(O * kTile);
+    std::vector<float> x_tile(K * kTile), h_tile(H * kTile), y_tile(O * kTile), sums(2 * kTile);
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t j = t * kTile, cols = std::min(kTile, N - j);
-      pack_tile(xp + j, N, K, cols, x_tile.data());
-      product(H, w1p, x_tile.data(), h_tile.data(), kTile, K, {b1p, true, nullptr, false});
-      if (cols == kTile) {
-        product(O, w2p, h_tile.data(), yp + j, N, H, {b2p, false, nullptr, aligned_rows});
-      } else {
-        product(O, w2p, h_tile.data(), y_tile.data(), kTile, H, {b2p, false, nullptr, false});
-        unpack_tile(y_tile.data(), O, cols, yp + j, N);
+    for (int64_t c = 0; c < kTokenChunks; ++c) {
+      double* acc = stats ? partial.data() + c * 2 * channels : nullptr;
+      for (int64_t t = c * tiles / kTokenChunks; t < (c + 1) * tiles / kTokenChunks; ++t) {
+        const int64_t j = t * kTile, cols = std::min(kTile, N - j);
+        pack_tile(xp + j, N, K, cols, x_tile.data());
+        product(H, w1p, x_tile.data(), h_tile.data(), kTile, K, {b1p, true});
+        std::fill(sums.begin(), sums.end(), 0.0f);
+        Epilogue second{b2p, false, nullptr, aligned_rows, stats ? sums.data() : nullptr};
+        if (cols == kTile) {
+          product(O, w2p, h_tile.data(), yp + j, N, H, second);
+        } else {
+          second.streaming = false;
+          product(O, w2p, h_tile.data(), y_tile.data(), kTile, H, second);
+          unpack_tile(y_tile.data(), O, cols, yp + j, N);
+        }
+        float* saved = hp + t * H * kTile;
+        for (int64_t i = 0; i < H * kTile; i += 16) store_streaming(saved + i, load(h_tile.data() + i));
+        if (!stats) continue;
+        for (int64_t i = 0, ch = j % channels; i < cols; ++i, ch = ch + 1 == channels ? 0 : ch + 1) {
+          acc[ch] += sums[i];
+          acc[channels + ch] += sums[kTile + i];
+        }
       }
-      float* saved = hp + t * H * kTile;
-      for (int64_t i = 0; i < H * kTile; i += 16) store_streaming(saved + i, load(h_tile.data() + i));
     }
   }
-  return {y, hidden};
+  torch::Tensor stats_out = torch::zeros({stats ? 2 : 0, channels}, x.options().dtype(torch::kFloat64));
+  double* sp = stats_out.data_ptr<double>();
+  for (int64_t c = 0; c < (stats ? kTokenChunks : 0); ++c)
+    for (int64_t i = 0; i < 2 * channels; ++i) sp[i] += partial[c * 2 * channels + i];
+  return {y, hidden, stats_out};
 }
 
 // The gradients of token_mlp_forward from grad = dL/dY (out, N): grad_x (tokens, N) (empty
-// unless `input_grad`), grad_w1, grad_b1, grad_w2, grad_b2.
+// unless `input_grad`), grad_w1, grad_b1, grad_w2, grad_b2. With `norm` = {y, keep, a, b, d}
+// (Y, the dropout mask or an empty tensor, the terms of batch_norm_dropout_grad_terms), grad is
+// the gradient at the BatchNorm + dropout's output instead, and dL/dY is formed tile by tile
+// (batch_norm_dropout_grad_input's values, without a pass of its own).
 std::vector<torch::Tensor> token_mlp_backward(torch::Tensor grad, torch::Tensor x,
                                               torch::Tensor hidden, torch::Tensor w1,
-                                              torch::Tensor w2, bool input_grad) {
+                                              torch::Tensor w2, bool input_grad,
+                                              std::vector<torch::Tensor> norm) {
   check_token_mlp(x, w1, w2);
   check_rows(grad, "grad");
+  TORCH_CHECK(norm.empty() || norm.size() == 5, "norm: y, keep, a, b, d");
   const int64_t K = x.size(0), N = x.size(1), H = w1.size(0), O = w2.size(0);
   const int64_t tiles = (N + kTile - 1) / kTile;
   TORCH_CHECK(grad.size(0) == O && grad.size(1) == N && hidden.is_contiguous() &&
@@ -553,6 +650,17 @@ std::vector<torch::Tensor> token_mlp_backward(torch::Tensor grad, torch::Tensor 
   float* gxp = grad_x.data_ptr<float>();
   const bool aligned_rows = N % 16 == 0 && reinterpret_cast<uintptr_t>(gxp) % 64 == 0;
   // per chunk: grad_w2 (O x H), grad_w1 (H x K), grad_b2 (O), grad_b1 (H)
+  NormGrad norm_grad{};
+  std::vector<float> extended;  // a, b, d, each over channels + kTile columns
+  if (!norm.empty()) {
+    const int64_t C = norm[2].numel(), span = C + kTile;
+    TORCH_CHECK(N % C == 0 && norm[0].numel() == O * N, "norm: y (out, N) in whole rows of channels");
+    extended.resize(3 * span);
+    for (int k = 0; k < 3; ++k)
+      for (int64_t i = 0; i < span; ++i) extended[k * span + i] = norm[2 + k].data_ptr<float>()[i % C];
+    norm_grad = {norm[0].data_ptr<float>(), norm[1].numel() ? norm[1].data_ptr<uint8_t>() : nullptr,
+                 extended.data(), extended.data() + span, extended.data() + 2 * span, C};
+  }
   const int64_t sizes = O * H + H * K + O + H;
   std::vector<float> partial(kTokenChunks * sizes, 0.0f);
   constexpr int64_t kGroup = 8;  // tiles whose weight-gradient sums share one register pass
@@ -575,7 +683,10 @@ std::vector<torch::Tensor> token_mlp_backward(torch::Tensor grad, torch::Tensor 
           float* gh_tile = gh_tiles.data() + u * H * kTile;
           if (t + 1 < last)  // the next tile's saved hidden layer, read by the epilogue's mask
             for (int64_t i = 0; i < H * kTile; i += 16) __builtin_prefetch(hp + (t + 1) * H * kTile + i);
-          pack_tile(gp + j, N, O, cols, g_tile);
+          if (norm.empty())
+            pack_tile(gp + j, N, O, cols, g_tile);
+          else
+            pack_norm_grad_tile(gp, N, O, j, cols, norm_grad, g_tile);
           pack_tile(xp + j, N, K, cols, x_tiles.data() + u * K * kTile);
           // through the second layer and the ReLU (mask: the saved hidden layer)
           product(H, w2tp, g_tile, gh_tile, kTile, O, {nullptr, false, hp + t * H * kTile, false});
@@ -610,7 +721,8 @@ std::vector<torch::Tensor> token_mlp_backward(torch::Tensor grad, torch::Tensor 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm_dropout_forward", &batch_norm_dropout_forward);
-  m.def("batch_norm_dropout_backward", &batch_norm_dropout_backward);
+  m.def("batch_norm_dropout_grad_terms", &batch_norm_dropout_grad_terms);
+  m.def("batch_norm_dropout_grad_input", &batch_norm_dropout_grad_input);
   m.def("linear_grad", &linear_grad);
   m.def("bias_relu_rows_", &bias_relu_rows_);
   m.def("relu_grad_row_sums", &relu_grad_row_sums);

@@ -222,8 +222,8 @@ class _FusedTokenMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
         rows = x.reshape(x.shape[0], -1).contiguous()
-        out, hidden = kernels.load().token_mlp_forward(
-            rows, w1.detach(), b1.detach(), w2.detach(), b2.detach()
+        out, hidden, _ = kernels.load().token_mlp_forward(
+            rows, w1.detach(), b1.detach(), w2.detach(), b2.detach(), 0
         )
         ctx.save_for_backward(rows, hidden, w1, w2)
         ctx.x_shape = x.shape
@@ -239,6 +239,7 @@ class _FusedTokenMLPFunction(torch.autograd.Function):
             w1.detach(),
             w2.detach(),
             ctx.needs_input_grad[0],
+            [],
         )
         grad_x = grad_x.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
@@ -248,15 +249,19 @@ class TokenMLP(MLP):
     """The MLP along the token axis: TokenLinear, ReLU, TokenLinear runs as one fused kernel
     where it applies (fp32 on a CPU, eager, the kernels built), else layer by layer."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_applies(self, x: torch.Tensor) -> bool:
         first, activation, second = self
-        if (
+        return (
             isinstance(activation, nn.ReLU)
             and first.onednn
             and second.onednn
             and _onednn_applies(x)
             and kernels.fused() is not None
-        ):
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_applies(x):
+            first, _, second = self
             return _FusedTokenMLPFunction.apply(
                 x, first.weight, first.bias, second.weight, second.bias
             )
@@ -320,16 +325,24 @@ def random_int16(shape: torch.Size, device: torch.device) -> torch.Tensor:
     return draws.random_(-(2**63), None).view(torch.int16)[:numel].view(shape)
 
 
+_NO_SUMS = torch.empty(0, dtype=torch.float64)  # batch_norm_dropout_forward takes its own
+
+
+def _dropout_threshold_and_scale(p: float, dtype: torch.dtype) -> tuple[int, float]:
+    """The kernels' dropout: keep where 16 random bits >= threshold (p rounded to a multiple of
+    2**-16, as Dropout does), kept values times scale."""
+    return round(p * 2**16), dropout_scale(p, dtype) if p else 1.0
+
+
 class _BatchNormDropoutFunction(torch.autograd.Function):
     """dropout(batch_norm(x)) in training mode over the columns of x (rows, channels), on the
     fused kernels of `kernels.cpp`; also returns the batch mean and biased variance."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, p, seed):
-        threshold = round(p * 2**16)  # p rounded to a multiple of 2**-16, as Dropout does
-        scale = dropout_scale(p, x.dtype) if p else 1.0
+        threshold, scale = _dropout_threshold_and_scale(p, x.dtype)
         y, keep, mean, var, invstd = kernels.load().batch_norm_dropout_forward(
-            x, weight.detach(), bias.detach(), eps, threshold, scale, seed
+            x, weight.detach(), bias.detach(), eps, threshold, scale, seed, _NO_SUMS
         )
         ctx.save_for_backward(x, keep, mean, invstd, weight)
         ctx.scale = scale
@@ -339,9 +352,11 @@ class _BatchNormDropoutFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_mean, _grad_var):
         x, keep, mean, invstd, weight = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = kernels.load().batch_norm_dropout_backward(
-            grad.contiguous(), x, keep, mean, invstd, weight.detach(), ctx.scale
+        fused, grad = kernels.load(), grad.contiguous()
+        grad_weight, grad_bias, *terms = fused.batch_norm_dropout_grad_terms(
+            grad, x, keep, mean, invstd, weight.detach(), ctx.scale
         )
+        grad_x = fused.batch_norm_dropout_grad_input(grad, x, keep, *terms)
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
@@ -372,17 +387,90 @@ def batch_norm_dropout(x: torch.Tensor, norm: nn.Module, dropout: nn.Dropout) ->
     """
     if not _fused_applies(x, norm, dropout):
         return dropout(norm(x))
-    p = dropout.p if dropout.training else 0.0
-    seed = torch.empty((), dtype=torch.int64).random_().item()  # from torch's generator
+    p, seed = _dropout_rate_and_seed(dropout)
     y, mean, var = _BatchNormDropoutFunction.apply(
         x.contiguous(), norm.weight, norm.bias, norm.eps, p, seed
     )
+    _update_running_stats(norm, mean, var, rows=y.shape[0])
+    return y
+
+
+def _dropout_rate_and_seed(dropout: nn.Dropout) -> tuple[float, int]:
+    """p, and a seed for the kernel's mask from torch's generator (so manual_seed fixes it)."""
+    seed = torch.empty((), dtype=torch.int64).random_().item()
+    return dropout.p if dropout.training else 0.0, seed
+
+
+def _update_running_stats(norm: nn.BatchNorm1d, mean, var, rows: int) -> None:
+    """As torch's BatchNorm1d in training: running statistics move towards the batch's by
+    momentum, the variance unbiased."""
     with torch.no_grad():
-        rows = x.shape[0]
         norm.running_mean.lerp_(mean, norm.momentum)
         norm.running_var.lerp_(var * (rows / (rows - 1)), norm.momentum)
         norm.num_batches_tracked.add_(1)
-    return y
+
+
+class _TokenMixingNormDropoutFunction(torch.autograd.Function):
+    """dropout(batch_norm(token MLP(x))) of the report block in training mode, on the fused
+    kernels: the token MLP's kernel also sums the BatchNorm's statistics as it writes its output,
+    and its backward forms the BatchNorm's input gradient tile by tile, two passes over the
+    (tokens' x batch x channels) activations fewer than running the two functions in turn."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, norm_weight, norm_bias, eps, p, seed):
+        fused, channels = kernels.load(), x.shape[-1]
+        rows = x.reshape(x.shape[0], -1).contiguous()
+        y, hidden, sums = fused.token_mlp_forward(
+            rows, w1.detach(), b1.detach(), w2.detach(), b2.detach(), channels
+        )
+        y = y.view(-1, channels)
+        threshold, scale = _dropout_threshold_and_scale(p, x.dtype)
+        out, keep, mean, var, invstd = fused.batch_norm_dropout_forward(
+            y, norm_weight.detach(), norm_bias.detach(), eps, threshold, scale, seed, sums
+        )
+        ctx.save_for_backward(rows, hidden, w1, w2, y, keep, mean, invstd, norm_weight)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        rows, hidden, w1, w2, y, keep, mean, invstd, norm_weight = ctx.saved_tensors
+        fused, grad = kernels.load(), grad.contiguous()
+        grad_norm_weight, grad_norm_bias, *terms = fused.batch_norm_dropout_grad_terms(
+            grad, y, keep, mean, invstd, norm_weight.detach(), ctx.scale
+        )
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = fused.token_mlp_backward(
+            grad.view(w2.shape[0], -1),
+            rows,
+            hidden,
+            w1.detach(),
+            w2.detach(),
+            ctx.needs_input_grad[0],
+            [y, keep, *terms],
+        )
+        grad_x = grad_x.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return (
+            grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_norm_weight, grad_norm_bias,
+            None, None, None,
+        )
+
+
+def token_mixing_norm_dropout(
+    x: torch.Tensor, token_mixing: "TokenMLP", norm: nn.Module, dropout: nn.Dropout
+) -> torch.Tensor:
+    """dropout(norm(token_mixing(x))) as (tokens' * batch, channels) rows: one fused function
+    where both the token MLP's kernel and `batch_norm_dropout`'s apply, else the two in turn."""
+    if not (token_mixing.fused_applies(x) and _fused_applies(x.flatten(0, 1), norm, dropout)):
+        return batch_norm_dropout(token_mixing(x).flatten(0, 1), norm, dropout)
+    first, _, second = token_mixing
+    p, seed = _dropout_rate_and_seed(dropout)
+    out, mean, var = _TokenMixingNormDropoutFunction.apply(
+        x, first.weight, first.bias, second.weight, second.bias, norm.weight, norm.bias,
+        norm.eps, p, seed,
+    )
+    _update_running_stats(norm, mean, var, rows=out.shape[0])
+    return out
 
 
 class MixerBlock(nn.Module):
@@ -408,8 +496,8 @@ class MixerBlock(nn.Module):
         self.channel_norm = norm(cfg.norm, self.tokens_out)  # over the token rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (tokens, batch, channels)
-        o1 = self.token_mixing(x).flatten(0, 1)  # (tokens' * batch, channels)
-        o1 = batch_norm_dropout(o1, self.token_norm, self.dropout)  # per channel
+        # (tokens' * batch, channels), normalised per channel
+        o1 = token_mixing_norm_dropout(x, self.token_mixing, self.token_norm, self.dropout)
         o2 = self.channel_mixing(o1).view(1, self.tokens_out, -1)  # (1, tokens', batch * ch')
         o2 = self.channel_norm(o2)  # statistics per token row
         return o2.view(self.tokens_out, x.shape[1], self.channels_out)

@@ -30,6 +30,7 @@ from stages.model import (
     mlp,
     patchify,
     spatial_shift,
+    token_mixing_norm_dropout,
 )
 from stages.training import autocast, build_model, make_optimizer, make_scheduler
 
@@ -527,8 +528,8 @@ def test_fused_token_mlp_computes_the_layers(shape):
 
 
 def test_fused_token_mlp_sums_the_same_with_any_thread_count():
-    """The weight gradients are sums over a fixed number of column chunks: one thread and two
-    give the same bits."""
+    """The weight gradients and the BatchNorm's statistics are sums over a fixed number of column
+    chunks: one thread and two give the same bits, for the token MLP and the whole token half."""
     layers, x = token_mlp_and_input(49, 80, 60, 16, 300)
     grad = torch.randn(60, *x.shape[1:])
     threads = torch.get_num_threads()
@@ -539,9 +540,50 @@ def test_fused_token_mlp_sums_the_same_with_any_thread_count():
             results.append(token_mlp_grads(layers, x, grad))
     finally:
         torch.set_num_threads(threads)
-    (y1, grads1), (y2, grads2) = results
-    assert torch.equal(y1, y2)
-    assert all(torch.equal(a, b) for a, b in zip(grads1, grads2, strict=True))
+    norm, _ = norm_and_input(channels=300)
+    norm_grad = torch.randn(60 * 16, 300)
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(token_half(layers, norm, x, norm_grad, combined=True))
+    finally:
+        torch.set_num_threads(threads)
+    for (y1, grads1, *_), (y2, grads2, *_) in (results[:2], results[2:]):
+        assert torch.equal(y1, y2)
+        assert all(torch.equal(a, b) for a, b in zip(grads1, grads2, strict=True))
+
+
+def token_half(layers, norm, x, grad, combined):
+    """dropout(norm(token MLP(x))): its output, the input's and parameters' gradients, and the
+    norm's running statistics, as one fused function or as the token MLP then the norm."""
+    layers, norm = copy.deepcopy(layers), copy.deepcopy(norm)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(5)  # the dropout mask's seed
+    if combined:
+        y = token_mixing_norm_dropout(x, layers, norm, Dropout(0.1))
+    else:
+        y = batch_norm_dropout(layers(x).flatten(0, 1), norm, Dropout(0.1))
+    assert (type(y.grad_fn).__name__ == "_TokenMixingNormDropoutFunctionBackward") == combined
+    y.backward(grad)
+    grads = [x.grad, *(p.grad for p in layers.parameters()), norm.weight.grad, norm.bias.grad]
+    return y, grads, (norm.running_mean, norm.running_var)
+
+
+def test_fused_token_half_computes_the_token_mlp_then_norm_and_dropout():
+    """The report block's token half as one function (the token MLP's kernel summing the
+    BatchNorm's statistics, its backward forming the BatchNorm's input gradient tile by tile):
+    the same output, dropout mask, gradients and running statistics as the two fused functions
+    in turn."""
+    layers, x = token_mlp_and_input(49, 80, 60, 8, 300)
+    norm, _ = norm_and_input(channels=300)
+    grad = torch.randn(60 * 8, 300)
+    y, grads, stats = token_half(layers, norm, x, grad, combined=True)
+    ref_y, ref_grads, ref_stats = token_half(layers, norm, x, grad, combined=False)
+    assert torch.equal(y == 0, ref_y == 0)  # the same mask
+    assert 0.05 < (y == 0).double().mean() < 0.15
+    assert torch.allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(grads + list(stats), ref_grads + list(ref_stats), strict=True):
+        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max())
 
 
 def test_token_mlp_runs_layer_by_layer_where_the_kernel_does_not_apply():
