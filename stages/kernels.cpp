@@ -1,9 +1,12 @@
-// Fused CPU kernels for the report block's BatchNorm (training mode) followed by dropout.
+// Fused CPU kernels for the report block: its token MLP, its BatchNorm (training mode)
+// followed by dropout, and the element-wise work around the Linear layers' products.
 //
 // torch runs BatchNorm, the dropout mask's random bits, the mask and the multiply as separate
 // passes over the (rows x channels) activations, each reading and writing tens of megabytes;
 // here the forward is one pass for the statistics and one for the output and the mask, the
 // backward one pass for the sums and one for the input gradient (docs/speed.md measures both).
+// The token MLP (below) works on column tiles that stay in cache, and takes over the
+// BatchNorm's statistics pass and input-gradient pass.
 //
 // Every sum is taken over a fixed number of row chunks and added in chunk order, in double
 // precision, so results do not depend on the number of threads. The dropout mask of element k
@@ -570,16 +573,17 @@ void check_token_mlp(const torch::Tensor& x, const torch::Tensor& w1, const torc
 // Y = W2 relu(W1 X + b1) + b2 for X (tokens, N): returns Y (out, N), the hidden layer
 // relu(W1 X + b1) in tile order (tiles, hidden, kTile) (zero-padded X columns past N), and with
 // `channels` > 0 the sums and sums of squares (2, channels) in float64 of Y's values by channel,
-// column j being channel j % channels: the statistics of the BatchNorm that follows.
+// column j being channel j % channels: the statistics of the BatchNorm that follows. Without
+// `keep_hidden` (no backward to come) the hidden layer is not written and comes back empty.
 std::vector<torch::Tensor> token_mlp_forward(torch::Tensor x, torch::Tensor w1, torch::Tensor b1,
                                              torch::Tensor w2, torch::Tensor b2,
-                                             int64_t channels) {
+                                             int64_t channels, bool keep_hidden) {
   check_token_mlp(x, w1, w2);
   const int64_t K = x.size(0), N = x.size(1), H = w1.size(0), O = w2.size(0);
   const int64_t tiles = (N + kTile - 1) / kTile;
   const bool stats = channels > 0;
   TORCH_CHECK(!stats || N % channels == 0, "token MLP: columns must be whole rows of channels");
-  torch::Tensor hidden = torch::empty({tiles, H, kTile}, x.options());
+  torch::Tensor hidden = torch::empty({keep_hidden ? tiles : 0, H, kTile}, x.options());
   torch::Tensor y = torch::empty({O, N}, x.options());
   const float* xp = x.data_ptr<float>();
   float* hp = hidden.data_ptr<float>();
@@ -609,7 +613,8 @@ std::vector<torch::Tensor> token_mlp_forward(torch::Tensor x, torch::Tensor w1, 
           unpack_tile(y_tile.data(), O, cols, yp + j, N);
         }
         float* saved = hp + t * H * kTile;
-        for (int64_t i = 0; i < H * kTile; i += 16) store_streaming(saved + i, load(h_tile.data() + i));
+        for (int64_t i = 0; keep_hidden && i < H * kTile; i += 16)
+          store_streaming(saved + i, load(h_tile.data() + i));
         if (!stats) continue;
         for (int64_t i = 0, ch = j % channels; i < cols; ++i, ch = ch + 1 == channels ? 0 : ch + 1) {
           acc[ch] += sums[i];

@@ -220,10 +220,10 @@ class _FusedTokenMLPFunction(torch.autograd.Function):
     in cache (docs/speed.md)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
+    def forward(ctx, x, w1, b1, w2, b2, keep_hidden):
         rows = x.reshape(x.shape[0], -1).contiguous()
         out, hidden, _ = kernels.load().token_mlp_forward(
-            rows, w1.detach(), b1.detach(), w2.detach(), b2.detach(), 0
+            rows, w1.detach(), b1.detach(), w2.detach(), b2.detach(), 0, keep_hidden
         )
         ctx.save_for_backward(rows, hidden, w1, w2)
         ctx.x_shape = x.shape
@@ -242,7 +242,7 @@ class _FusedTokenMLPFunction(torch.autograd.Function):
             [],
         )
         grad_x = grad_x.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
 class TokenMLP(MLP):
@@ -262,8 +262,12 @@ class TokenMLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_applies(x):
             first, _, second = self
+            # without a backward to come (evaluation), the hidden layer is not written
+            keep_hidden = torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters())
+            )
             return _FusedTokenMLPFunction.apply(
-                x, first.weight, first.bias, second.weight, second.bias
+                x, first.weight, first.bias, second.weight, second.bias, keep_hidden
             )
         return super().forward(x)
 
@@ -421,7 +425,7 @@ class _TokenMixingNormDropoutFunction(torch.autograd.Function):
         fused, channels = kernels.load(), x.shape[-1]
         rows = x.reshape(x.shape[0], -1).contiguous()
         y, hidden, sums = fused.token_mlp_forward(
-            rows, w1.detach(), b1.detach(), w2.detach(), b2.detach(), channels
+            rows, w1.detach(), b1.detach(), w2.detach(), b2.detach(), channels, True
         )
         y = y.view(-1, channels)
         threshold, scale = _dropout_threshold_and_scale(p, x.dtype)

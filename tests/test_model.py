@@ -525,6 +525,8 @@ def test_fused_token_mlp_computes_the_layers(shape):
     for ours, ref in zip(grads, ref_grads, strict=True):
         assert ours.shape == ref.shape
         assert torch.allclose(ours.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
+    with torch.no_grad():  # evaluation: the same output, without keeping the hidden layer
+        assert torch.equal(layers(x), y.detach())
 
 
 def test_fused_token_mlp_sums_the_same_with_any_thread_count():
