@@ -7,8 +7,9 @@
       token-major layout, `stages.model.Dropout`, freed memory kept by malloc, oneDNN products,
       the fused CPU kernels of `stages/kernels.cpp`), and to show what each of those changes
       gives, (c0) the same with torch's nn.Dropout, (c1) in the notebook's layout, (c2) with
-      glibc's default malloc settings, (c3) with torch's own products (MKL) instead of oneDNN's
-      and (c4) with torch's element-wise kernels instead of the fused ones;
+      glibc's default malloc settings, (c3) with torch's own products (MKL) instead of oneDNN's,
+      (c4) with torch's element-wise kernels instead of the fused ones and (c5) with the token
+      MLP layer by layer (oneDNN's products) instead of the fused token-MLP kernel;
   with --compile (d) the same under torch.compile, with --bf16 (e) the same with bf16 autocast
   (AMX on recent x86 CPUs, tensor cores on GPUs), and with both (f) (e) under torch.compile.
 
@@ -53,7 +54,7 @@ from notebook_model import NotebookModel  # benchmarks/, the script's folder
 from stages import kernels
 from stages.config import resolve_run
 from stages.data import load_dataset
-from stages.model import ONEDNN_LINEAR, Dropout, Linear, _onednn_mm, forward_flops
+from stages.model import ONEDNN_LINEAR, Dropout, Linear, TokenMLP, _onednn_mm, forward_flops
 from stages.training import (
     allow_tf32,
     build_model,
@@ -133,6 +134,15 @@ def with_torch_linear(model: nn.Module) -> nn.Module:
     return model
 
 
+def with_token_layers(model: nn.Module) -> nn.Module:
+    """The model with each token MLP run layer by layer (oneDNN products, the fused bias and
+    ReLU passes) instead of the fused token-MLP kernel."""
+    for module in model.modules():
+        if isinstance(module, TokenMLP):
+            module.fused = False
+    return model
+
+
 def timer(device, run: Callable[[int], None]) -> Callable[[int], float]:
     """`time_steps(n)`: the seconds `run(n)` takes, the device synchronised at both ends."""
 
@@ -207,7 +217,7 @@ def project_path(
 ) -> tuple[Callable[[int], float], float]:
     """(c): the project's `train_epoch`, each call on a slice of exactly n batches.
 
-    `variant` rebuilds the model another way (c0, c1, c3); `fused=False` turns the fused CPU
+    `variant` rebuilds the model another way (c0, c1, c3, c5); `fused=False` turns the fused CPU
     kernels off while this path runs (c4). With `compiled`, the model runs under
     `torch.compile`. Returns `time_steps(n)` and the warm-up's seconds, which include the
     compilation, so the compile cost is reported, not hidden.
@@ -355,6 +365,7 @@ def main() -> None:
         "(c1) (c) in the notebook's layout": (project(notebook_layout), "fp32"),
         "(c3) (c) with torch's nn.Linear": (project(with_torch_linear), "fp32"),
         "(c4) (c) without the fused kernels": (project(fused=False), "fp32"),
+        "(c5) (c) with the token MLP by layers": (project(with_token_layers), "fp32"),
     }
     if args.compile:
         paths["(d) (c) under torch.compile"] = (project(compiled=True), "fp32")
@@ -367,7 +378,9 @@ def main() -> None:
     child.join()
     precisions = {name: precision for name, (_, precision) in paths.items()}
 
-    order = ["(a)", "(b)", "(c)", "(c0)", "(c1)", "(c2)", "(c3)", "(c4)", "(d)", "(e)", "(f)"]
+    order = [
+        "(a)", "(b)", "(c)", "(c0)", "(c1)", "(c2)", "(c3)", "(c4)", "(c5)", "(d)", "(e)", "(f)"
+    ]  # fmt: skip
     base = statistics.median(seconds[BASELINES["(a)"]])
     for name in sorted(seconds, key=lambda name: order.index(name.split()[0])):
         median = statistics.median(seconds[name])

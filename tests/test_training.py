@@ -210,7 +210,7 @@ def test_speed_benchmark_times_every_path(data_dir):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if " s/epoch (" in line]
-    names = ["(a)", "(b)", "(c)", "(c0)", "(c1)", "(c2)", "(c3)", "(c4)", "(e)"]
+    names = ["(a)", "(b)", "(c)", "(c0)", "(c1)", "(c2)", "(c3)", "(c4)", "(c5)", "(e)"]
     assert [row.split()[0] for row in rows] == names
     assert re.search(r"fused CPU kernels: built or loaded in [\d.]+ s", proc.stdout)
     assert all(re.search(r"\d+\.\d\dx vs \(a\)$", row) for row in rows), rows
