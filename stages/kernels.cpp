@@ -6,7 +6,7 @@
 // here the forward is one pass for the statistics and one for the output and the mask, the
 // backward one pass for the sums and one for the input gradient (docs/speed.md measures both).
 // The token MLP (below) works on column tiles that stay in cache, and takes over the
-// BatchNorm's statistics pass and input-gradient pass.
+// BatchNorm's statistics pass and input-gradient pass, and the patch stem before it.
 //
 // Every sum is taken over a fixed number of row chunks and added in chunk order, in double
 // precision, so results do not depend on the number of threads. The dropout mask of element k
@@ -560,6 +560,182 @@ inline void pack_norm_grad_tile(const float* grad, int64_t ld, int64_t rows, int
     }
 }
 
+// The patch stem X = relu(Ws P + bs) inside the token kernel: column n of X is channel n % C
+// of image n / C, and P (tokens, images x pixels) holds each token's patch pixels image by
+// image. The stem's 15 MB output for the report model, and the gradient at it, are then never
+// stored: each tile of X is computed where the token kernel would pack it (again in the
+// backward), and the stem's weight gradient is summed from the tile of dL/dX.
+struct Stem {
+  const float* patches = nullptr;  // (tokens, images x pixels)
+  int64_t pixels = 0, channels = 0, images = 0, span = 0;
+  std::vector<float> weight_t;  // (pixels, span): weight_t[k * span + i] = Ws[i % C][k]
+  std::vector<float> bias;      // (span): bs[i % C]
+};
+
+Stem make_stem(const torch::Tensor& patches, const torch::Tensor& weight, const torch::Tensor& bias) {
+  check_rows(weight, "stem weight");
+  const int64_t C = weight.size(0), S = weight.size(1);
+  TORCH_CHECK(bias.numel() == C && patches.size(1) % S == 0,
+              "stem: weight (channels, pixels), bias (channels), patches (tokens, images x pixels)");
+  Stem s;
+  s.patches = patches.data_ptr<float>();
+  s.pixels = S, s.channels = C, s.images = patches.size(1) / S, s.span = C + 16;
+  s.weight_t.resize(S * s.span);
+  s.bias.resize(s.span);
+  const float *wp = weight.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  for (int64_t i = 0; i < s.span; ++i) {
+    for (int64_t k = 0; k < S; ++k) s.weight_t[k * s.span + i] = wp[(i % C) * S + k];
+    s.bias[i] = bp[i % C];
+  }
+  return s;
+}
+
+// Which image each of the 16 columns from col0 belongs to: all of them one (`split` = 16), the
+// first `split` one and the rest the next, or (fewer than 16 channels, or past the last
+// column) each its own, in `image`, -1 past the last column.
+struct Lanes {
+  int64_t first;
+  int split;
+  bool each;
+  int64_t image[16];
+};
+
+inline Lanes lanes_from(const Stem& s, int64_t col0) {
+  Lanes l{col0 / s.channels, 16, false, {}};
+  const int64_t c0 = col0 % s.channels;
+  if (c0 + 16 <= s.channels && l.first < s.images) return l;
+  if (s.channels >= 16 && l.first + 1 < s.images) {
+    l.split = static_cast<int>(s.channels - c0);
+    return l;
+  }
+  l.each = true;
+  for (int i = 0; i < 16; ++i) {
+    const int64_t image = (col0 + i) / s.channels;
+    l.image[i] = image < s.images ? image : -1;
+  }
+  return l;
+}
+
+// The 16 columns' values of pixel k of token t's patches: one image's value in every lane
+// (kSplit false), or the first `split` lanes' image's and the next one's.
+template <bool kSplit>
+inline vec patch_values(const Stem& s, const Lanes& l, int64_t t, int64_t k) {
+  const float* at = s.patches + (t * s.images + l.first) * s.pixels + k;
+  if (!kSplit) return splat(*at);
+  const vec lane{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return lane < splat(static_cast<float>(l.split)) ? splat(*at) : splat(at[s.pixels]);
+}
+
+// The same where each lane finds its own image (zero past the last column).
+inline vec patch_values_each(const Stem& s, const Lanes& l, int64_t t, int64_t k) {
+  vec p;
+  for (int i = 0; i < 16; ++i)
+    p[i] = l.image[i] < 0 ? 0.0f : s.patches[(t * s.images + l.image[i]) * s.pixels + k];
+  return p;
+}
+
+template <bool kSplit, bool kEach>
+inline vec patch_vec(const Stem& s, const Lanes& l, int64_t t, int64_t k) {
+  return kEach ? patch_values_each(s, l, t, k) : patch_values<kSplit>(s, l, t, k);
+}
+
+constexpr int kStemTokens = 7;  // tokens summed side by side in stem_vec: 49 = 7 x 7
+constexpr int kStemPixels = 8;  // pixels summed side by side in stem_grad_vec
+
+// Vector v of the tile of X from column j: relu(Ws P + bs) for every token.
+template <bool kSplit, bool kEach>
+inline void stem_vec(const Stem& s, const Lanes& l, int64_t tokens, int64_t c0, float* out) {
+  const vec zero{}, bias = load(s.bias.data() + c0);
+  const float* w = s.weight_t.data() + c0;
+  int64_t t = 0;
+  const auto finish = [&](vec acc) {
+    acc = acc > zero ? acc : zero;
+    if (kEach)  // past the last column: zero, as pack_tile pads
+      for (int i = 0; i < 16; ++i) acc[i] = l.image[i] < 0 ? 0.0f : acc[i];
+    return acc;
+  };
+  for (; t + kStemTokens <= tokens; t += kStemTokens) {  // independent sums, for the FMA pipes
+    vec acc[kStemTokens];
+    for (int i = 0; i < kStemTokens; ++i) acc[i] = bias;
+    for (int64_t k = 0; k < s.pixels; ++k) {
+      const vec wk = load(w + k * s.span);
+#pragma GCC unroll 7
+      for (int i = 0; i < kStemTokens; ++i) acc[i] += patch_vec<kSplit, kEach>(s, l, t + i, k) * wk;
+    }
+    for (int i = 0; i < kStemTokens; ++i) store(out + (t + i) * kTile, finish(acc[i]));
+  }
+  for (; t < tokens; ++t) {
+    vec acc = bias;
+    for (int64_t k = 0; k < s.pixels; ++k)
+      acc += patch_vec<kSplit, kEach>(s, l, t, k) * load(w + k * s.span);
+    store(out + t * kTile, finish(acc));
+  }
+}
+
+// The tile of X from column j: relu(Ws P + bs) for its `tokens` rows, zero past the last column.
+inline void stem_tile(const Stem& s, int64_t tokens, int64_t j, float* tile) {
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t col0 = j + 16 * v, c0 = col0 % s.channels;
+    const Lanes l = lanes_from(s, col0);
+    float* out = tile + 16 * v;
+    if (l.each)
+      stem_vec<false, true>(s, l, tokens, c0, out);
+    else if (l.split < 16)
+      stem_vec<true, false>(s, l, tokens, c0, out);
+    else
+      stem_vec<false, false>(s, l, tokens, c0, out);
+  }
+}
+
+// Vector v's part of stem_grad_tile.
+template <bool kSplit, bool kEach>
+inline void stem_grad_vec(const Stem& s, const Lanes& l, int64_t tokens, int64_t c0,
+                          const float* grad, float* acc_w, float* acc_b) {
+  vec bias[4] = {};  // four independent sums
+  int64_t t = 0;
+  for (; t + 4 <= tokens; t += 4)
+    for (int i = 0; i < 4; ++i) bias[i] += load(grad + (t + i) * kTile);
+  for (; t < tokens; ++t) bias[0] += load(grad + t * kTile);
+  store(acc_b + c0, load(acc_b + c0) + ((bias[0] + bias[1]) + (bias[2] + bias[3])));
+  int64_t k = 0;
+  for (; k + kStemPixels <= s.pixels; k += kStemPixels) {  // independent sums
+    vec sum[kStemPixels] = {};
+    for (int64_t t = 0; t < tokens; ++t) {
+      const vec g = load(grad + t * kTile);
+#pragma GCC unroll 8
+      for (int i = 0; i < kStemPixels; ++i) sum[i] += g * patch_vec<kSplit, kEach>(s, l, t, k + i);
+    }
+    for (int i = 0; i < kStemPixels; ++i) {
+      float* at = acc_w + (k + i) * s.span + c0;
+      store(at, load(at) + sum[i]);
+    }
+  }
+  for (; k < s.pixels; ++k) {
+    vec sum{};
+    for (int64_t t = 0; t < tokens; ++t)
+      sum += load(grad + t * kTile) * patch_vec<kSplit, kEach>(s, l, t, k);
+    float* at = acc_w + k * s.span + c0;
+    store(at, load(at) + sum);
+  }
+}
+
+// += the stem's weight and bias gradients from the tile of dL/dZ (Z = Ws P + bs; zero past the
+// last column): acc_w (pixels, span) and acc_b (span), column i standing for channel i % C.
+inline void stem_grad_tile(const Stem& s, int64_t tokens, int64_t j, const float* grad,
+                           float* acc_w, float* acc_b) {
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t col0 = j + 16 * v, c0 = col0 % s.channels;
+    const Lanes l = lanes_from(s, col0);
+    const float* g = grad + 16 * v;
+    if (l.each)
+      stem_grad_vec<false, true>(s, l, tokens, c0, g, acc_w, acc_b);
+    else if (l.split < 16)
+      stem_grad_vec<true, false>(s, l, tokens, c0, g, acc_w, acc_b);
+    else
+      stem_grad_vec<false, false>(s, l, tokens, c0, g, acc_w, acc_b);
+  }
+}
+
 void check_token_mlp(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2) {
   check_rows(x, "x");
   check_rows(w1, "w1");
@@ -570,16 +746,22 @@ void check_token_mlp(const torch::Tensor& x, const torch::Tensor& w1, const torc
 
 }  // namespace
 
-// Y = W2 relu(W1 X + b1) + b2 for X (tokens, N): returns Y (out, N), the hidden layer
+// Y = W2 relu(W1 X + b1) + b2 for X (tokens, N), or with `stem` = {Ws, bs} for the patch stem's
+// X = relu(Ws P + bs) of x = P (tokens, images x pixels), N = images x channels (see Stem):
+// returns Y (out, N), the hidden layer
 // relu(W1 X + b1) in tile order (tiles, hidden, kTile) (zero-padded X columns past N), and with
 // `channels` > 0 the sums and sums of squares (2, channels) in float64 of Y's values by channel,
 // column j being channel j % channels: the statistics of the BatchNorm that follows. Without
 // `keep_hidden` (no backward to come) the hidden layer is not written and comes back empty.
 std::vector<torch::Tensor> token_mlp_forward(torch::Tensor x, torch::Tensor w1, torch::Tensor b1,
                                              torch::Tensor w2, torch::Tensor b2,
-                                             int64_t channels, bool keep_hidden) {
+                                             int64_t channels, bool keep_hidden,
+                                             std::vector<torch::Tensor> stem_weights) {
   check_token_mlp(x, w1, w2);
-  const int64_t K = x.size(0), N = x.size(1), H = w1.size(0), O = w2.size(0);
+  const bool in_stem = !stem_weights.empty();
+  const Stem stem = in_stem ? make_stem(x, stem_weights[0], stem_weights[1]) : Stem{};
+  const int64_t K = x.size(0), N = in_stem ? stem.images * stem.channels : x.size(1);
+  const int64_t H = w1.size(0), O = w2.size(0);
   const int64_t tiles = (N + kTile - 1) / kTile;
   const bool stats = channels > 0;
   TORCH_CHECK(!stats || N % channels == 0, "token MLP: columns must be whole rows of channels");
@@ -601,7 +783,10 @@ std::vector<torch::Tensor> token_mlp_forward(torch::Tensor x, torch::Tensor w1, 
       double* acc = stats ? partial.data() + c * 2 * channels : nullptr;
       for (int64_t t = c * tiles / kTokenChunks; t < (c + 1) * tiles / kTokenChunks; ++t) {
         const int64_t j = t * kTile, cols = std::min(kTile, N - j);
-        pack_tile(xp + j, N, K, cols, x_tile.data());
+        if (in_stem)
+          stem_tile(stem, K, j, x_tile.data());
+        else
+          pack_tile(xp + j, N, K, cols, x_tile.data());
         product(H, w1p, x_tile.data(), h_tile.data(), kTile, K, {b1p, true});
         std::fill(sums.begin(), sums.end(), 0.0f);
         Epilogue second{b2p, false, nullptr, aligned_rows, stats ? sums.data() : nullptr};
@@ -634,15 +819,22 @@ std::vector<torch::Tensor> token_mlp_forward(torch::Tensor x, torch::Tensor w1, 
 // unless `input_grad`), grad_w1, grad_b1, grad_w2, grad_b2. With `norm` = {y, keep, a, b, d}
 // (Y, the dropout mask or an empty tensor, the terms of batch_norm_dropout_grad_terms), grad is
 // the gradient at the BatchNorm + dropout's output instead, and dL/dY is formed tile by tile
-// (batch_norm_dropout_grad_input's values, without a pass of its own).
+// (batch_norm_dropout_grad_input's values, without a pass of its own). With `stem` (as in the
+// forward) there is no grad_x (x = P, the patches) and two more come back: the stem's weight
+// and bias gradients.
 std::vector<torch::Tensor> token_mlp_backward(torch::Tensor grad, torch::Tensor x,
                                               torch::Tensor hidden, torch::Tensor w1,
                                               torch::Tensor w2, bool input_grad,
-                                              std::vector<torch::Tensor> norm) {
+                                              std::vector<torch::Tensor> norm,
+                                              std::vector<torch::Tensor> stem_weights) {
   check_token_mlp(x, w1, w2);
   check_rows(grad, "grad");
   TORCH_CHECK(norm.empty() || norm.size() == 5, "norm: y, keep, a, b, d");
-  const int64_t K = x.size(0), N = x.size(1), H = w1.size(0), O = w2.size(0);
+  const bool in_stem = !stem_weights.empty();
+  TORCH_CHECK(!(in_stem && input_grad), "token MLP backward: no gradient at the stem's patches");
+  const Stem stem = in_stem ? make_stem(x, stem_weights[0], stem_weights[1]) : Stem{};
+  const int64_t K = x.size(0), N = in_stem ? stem.images * stem.channels : x.size(1);
+  const int64_t H = w1.size(0), O = w2.size(0);
   const int64_t tiles = (N + kTile - 1) / kTile;
   TORCH_CHECK(grad.size(0) == O && grad.size(1) == N && hidden.is_contiguous() &&
                   hidden.numel() == tiles * H * kTile,
@@ -666,7 +858,9 @@ std::vector<torch::Tensor> token_mlp_backward(torch::Tensor grad, torch::Tensor 
     norm_grad = {norm[0].data_ptr<float>(), norm[1].numel() ? norm[1].data_ptr<uint8_t>() : nullptr,
                  extended.data(), extended.data() + span, extended.data() + 2 * span, C};
   }
-  const int64_t sizes = O * H + H * K + O + H;
+  // the stem's weight and bias gradients over its span of columns (channel i % C)
+  const int64_t stem_sizes = in_stem ? (stem.pixels + 1) * stem.span : 0;
+  const int64_t sizes = O * H + H * K + O + H + stem_sizes;
   std::vector<float> partial(kTokenChunks * sizes, 0.0f);
   constexpr int64_t kGroup = 8;  // tiles whose weight-gradient sums share one register pass
 #pragma omp parallel
@@ -679,6 +873,8 @@ std::vector<torch::Tensor> token_mlp_backward(torch::Tensor grad, torch::Tensor 
       float* acc_w1 = acc_w2 + O * H;
       float* acc_b2 = acc_w1 + H * K;
       float* acc_b1 = acc_b2 + O;
+      float* acc_stem_w = acc_b1 + H;
+      float* acc_stem_b = acc_stem_w + stem.pixels * stem.span;
       const int64_t first = c * tiles / kTokenChunks, last = (c + 1) * tiles / kTokenChunks;
       for (int64_t t0 = first; t0 < last; t0 += kGroup) {
         const int64_t group = std::min(kGroup, last - t0);
@@ -692,9 +888,18 @@ std::vector<torch::Tensor> token_mlp_backward(torch::Tensor grad, torch::Tensor 
             pack_tile(gp + j, N, O, cols, g_tile);
           else
             pack_norm_grad_tile(gp, N, O, j, cols, norm_grad, g_tile);
-          pack_tile(xp + j, N, K, cols, x_tiles.data() + u * K * kTile);
+          float* x_tile = x_tiles.data() + u * K * kTile;
+          if (in_stem)
+            stem_tile(stem, K, j, x_tile);
+          else
+            pack_tile(xp + j, N, K, cols, x_tile);
           // through the second layer and the ReLU (mask: the saved hidden layer)
           product(H, w2tp, g_tile, gh_tile, kTile, O, {nullptr, false, hp + t * H * kTile, false});
+          if (in_stem) {  // dL/dZ at the stem's products: through its ReLU (mask: the tile of X)
+            product(K, w1tp, gh_tile, gx_tile.data(), kTile, H, {nullptr, false, x_tile});
+            stem_grad_tile(stem, K, j, gx_tile.data(), acc_stem_w, acc_stem_b);
+            continue;
+          }
           if (!input_grad) continue;
           if (cols == kTile) {
             product(K, w1tp, gh_tile, gxp + j, N, H, {nullptr, false, nullptr, aligned_rows});
@@ -720,8 +925,21 @@ std::vector<torch::Tensor> token_mlp_backward(torch::Tensor grad, torch::Tensor 
   std::copy(total.begin() + O * H, total.begin() + O * H + H * K, grad_w1.data_ptr<float>());
   std::copy(total.begin() + O * H + H * K, total.begin() + O * H + H * K + O,
             grad_b2.data_ptr<float>());
-  std::copy(total.end() - H, total.end(), grad_b1.data_ptr<float>());
-  return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
+  std::copy(total.begin() + O * H + H * K + O, total.begin() + O * H + H * K + O + H,
+            grad_b1.data_ptr<float>());
+  if (!in_stem) return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
+  // fold the span's columns onto their channels: (pixels, span) -> Ws's (channels, pixels)
+  const int64_t C = stem.channels, S = stem.pixels;
+  std::vector<double> folded((S + 1) * C, 0.0);
+  const double* st = total.data() + O * H + H * K + O + H;
+  for (int64_t k = 0; k <= S; ++k)
+    for (int64_t i = 0; i < stem.span; ++i) folded[k * C + i % C] += st[k * stem.span + i];
+  torch::Tensor grad_stem_w = torch::empty({C, S}, opts), grad_stem_b = torch::empty({C}, opts);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t k = 0; k < S; ++k) grad_stem_w.data_ptr<float>()[c * S + k] = folded[k * C + c];
+    grad_stem_b.data_ptr<float>()[c] = folded[S * C + c];
+  }
+  return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_stem_w, grad_stem_b};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -223,7 +223,7 @@ class _FusedTokenMLPFunction(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, keep_hidden):
         rows = x.reshape(x.shape[0], -1).contiguous()
         out, hidden, _ = kernels.load().token_mlp_forward(
-            rows, w1.detach(), b1.detach(), w2.detach(), b2.detach(), 0, keep_hidden
+            rows, w1.detach(), b1.detach(), w2.detach(), b2.detach(), 0, keep_hidden, []
         )
         ctx.save_for_backward(rows, hidden, w1, w2)
         ctx.x_shape = x.shape
@@ -239,6 +239,7 @@ class _FusedTokenMLPFunction(torch.autograd.Function):
             w1.detach(),
             w2.detach(),
             ctx.needs_input_grad[0],
+            [],
             [],
         )
         grad_x = grad_x.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
@@ -422,33 +423,46 @@ class _TokenMixingNormDropoutFunction(torch.autograd.Function):
     """dropout(batch_norm(token MLP(x))) of the report block in training mode, on the fused
     kernels: the token MLP's kernel also sums the BatchNorm's statistics as it writes its output,
     and its backward forms the BatchNorm's input gradient tile by tile, two passes over the
-    (tokens' x batch x channels) activations fewer than running the two functions in turn."""
+    (tokens' x batch x channels) activations fewer than running the two functions in turn.
+
+    With a stem (its weight and bias; else None), x holds the patches and the token MLP's input
+    is relu(stem(x)), computed tile by tile inside the kernel and never stored; no gradient
+    reaches the patches."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, norm_weight, norm_bias, eps, p, seed):
-        fused, channels = kernels.load(), x.shape[-1]
+    def forward(
+        ctx, x, stem_weight, stem_bias, w1, b1, w2, b2, norm_weight, norm_bias, eps, p, seed
+    ):
+        fused = kernels.load()
+        stem = [] if stem_weight is None else [stem_weight.detach(), stem_bias.detach()]
+        channels = x.shape[-1] if stem_weight is None else stem_weight.shape[0]
         rows = x.reshape(x.shape[0], -1).contiguous()
         y, hidden, sums = fused.token_mlp_forward(
-            rows, w1.detach(), b1.detach(), w2.detach(), b2.detach(), channels, True
+            rows, w1.detach(), b1.detach(), w2.detach(), b2.detach(), channels, True, stem
         )
         y = y.view(-1, channels)
         threshold, scale = _dropout_threshold_and_scale(p, x.dtype)
         out, keep, mean, var, invstd = fused.batch_norm_dropout_forward(
             y, norm_weight.detach(), norm_bias.detach(), eps, threshold, scale, seed, sums
         )
-        ctx.save_for_backward(rows, hidden, w1, w2, y, keep, mean, invstd, norm_weight)
+        ctx.save_for_backward(
+            rows, hidden, w1, w2, y, keep, mean, invstd, norm_weight, stem_weight, stem_bias
+        )
         ctx.scale, ctx.x_shape = scale, x.shape
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad, _grad_mean, _grad_var):
-        rows, hidden, w1, w2, y, keep, mean, invstd, norm_weight = ctx.saved_tensors
+        rows, hidden, w1, w2, y, keep, mean, invstd, norm_weight, stem_weight, stem_bias = (
+            ctx.saved_tensors
+        )
+        stem = [] if stem_weight is None else [stem_weight.detach(), stem_bias.detach()]
         fused, grad = kernels.load(), grad.contiguous()
         grad_norm_weight, grad_norm_bias, *terms = fused.batch_norm_dropout_grad_terms(
             grad, y, keep, mean, invstd, norm_weight.detach(), ctx.scale
         )
-        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = fused.token_mlp_backward(
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2, *grad_stem = fused.token_mlp_backward(
             grad.view(w2.shape[0], -1),
             rows,
             hidden,
@@ -456,25 +470,37 @@ class _TokenMixingNormDropoutFunction(torch.autograd.Function):
             w2.detach(),
             ctx.needs_input_grad[0],
             [y, keep, *terms],
+            stem,
         )
         grad_x = grad_x.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_stem_weight, grad_stem_bias = grad_stem or (None, None)
         return (
-            grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_norm_weight, grad_norm_bias,
-            None, None, None,
+            grad_x, grad_stem_weight, grad_stem_bias, grad_w1, grad_b1, grad_w2, grad_b2,
+            grad_norm_weight, grad_norm_bias, None, None, None,
         )
 
 
 def token_mixing_norm_dropout(
-    x: torch.Tensor, token_mixing: "TokenMLP", norm: nn.Module, dropout: nn.Dropout
+    x: torch.Tensor,
+    token_mixing: "TokenMLP",
+    norm: nn.Module,
+    dropout: nn.Dropout,
+    stem: Linear | None = None,
 ) -> torch.Tensor:
     """dropout(norm(token_mixing(x))) as (tokens' * batch, channels) rows: one fused function
-    where both the token MLP's kernel and `batch_norm_dropout`'s apply, else the two in turn."""
-    if not (token_mixing.fused_applies(x) and _fused_applies(x.flatten(0, 1), norm, dropout)):
+    where both the token MLP's kernel and `batch_norm_dropout`'s apply, else the two in turn.
+    With a `stem`, x holds the patches and the token MLP's input is relu(stem(x)): inside the
+    fused function where it applies too (no gradient wanted at the patches)."""
+    fused = token_mixing.fused_applies(x) and _fused_applies(x.flatten(0, 1), norm, dropout)
+    if stem is not None and not (fused and stem.onednn and not x.requires_grad):
+        x, stem = stem(x, relu=True), None
+    if not fused:
         return batch_norm_dropout(token_mixing(x).flatten(0, 1), norm, dropout)
     first, _, second = token_mixing
     p, seed = _dropout_rate_and_seed(dropout)
     out, mean, var = _TokenMixingNormDropoutFunction.apply(
-        x, first.weight, first.bias, second.weight, second.bias, norm.weight, norm.bias,
+        x, None if stem is None else stem.weight, None if stem is None else stem.bias,
+        first.weight, first.bias, second.weight, second.bias, norm.weight, norm.bias,
         norm.eps, p, seed,
     )
     _update_running_stats(norm, mean, var, rows=out.shape[0])
@@ -503,9 +529,11 @@ class MixerBlock(nn.Module):
         self.channel_mixing = mlp(channels, channel_hidden, self.channels_out, cfg.activation)
         self.channel_norm = norm(cfg.norm, self.tokens_out)  # over the token rows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (tokens, batch, channels)
+    def forward(self, x: torch.Tensor, stem: Linear | None = None) -> torch.Tensor:
+        """The block of x (tokens, batch, channels), or with a `stem` of relu(stem(x)) for
+        x the patches (tokens, batch, pixels)."""
         # (tokens' * batch, channels), normalised per channel
-        o1 = token_mixing_norm_dropout(x, self.token_mixing, self.token_norm, self.dropout)
+        o1 = token_mixing_norm_dropout(x, self.token_mixing, self.token_norm, self.dropout, stem)
         o2 = self.channel_mixing(o1).view(1, self.tokens_out, -1)  # (1, tokens', batch * ch')
         o2 = self.channel_norm(o2)  # statistics per token row
         return o2.view(self.tokens_out, x.shape[1], self.channels_out)
@@ -653,10 +681,26 @@ class MixerClassifier(nn.Module):
         self.classifier = Linear(pooled, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.stem(patchify(images, self.patch_size))  # (patches, batch, features)
-        x = self.head_norm(self.blocks(x))
+        x = patchify(images, self.patch_size)  # (patches, batch, pixels)
+        blocks = list(self.blocks)
+        # a one-layer stem is the first block's to compute, inside its token kernel where that
+        # applies: the stem's output and the gradient at it are then never stored
+        x = blocks.pop(0)(x, stem=self.stem[0]) if self.stem_in_first_block() else self.stem(x)
+        for block in blocks:
+            x = block(x)
+        x = self.head_norm(x)
         pooled = x.mean(dim=2).t() if self.pool_over_features else x.mean(dim=0)
         return self.classifier(pooled)  # logits; softmax lives in the loss
+
+    def stem_in_first_block(self) -> bool:
+        """Where the stem is one Linear and a ReLU and the first block a report block, which
+        then computes it (`token_mixing_norm_dropout`)."""
+        return (
+            len(self.stem) == 2
+            and isinstance(self.stem[0], Linear)
+            and isinstance(self.stem[1], nn.ReLU)
+            and isinstance(self.blocks[0], MixerBlock)
+        )
 
 
 def init_weights(model: nn.Module, scheme: str, std: float) -> None:

@@ -544,30 +544,37 @@ def test_fused_token_mlp_sums_the_same_with_any_thread_count():
         torch.set_num_threads(threads)
     norm, _ = norm_and_input(channels=300)
     norm_grad = torch.randn(60 * 16, 300)
+    stem, patches = Linear(16, 300), torch.rand(49, 16, 16)
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
             results.append(token_half(layers, norm, x, norm_grad, combined=True))
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(token_half(layers, norm, patches, norm_grad, True, stem=stem))
     finally:
         torch.set_num_threads(threads)
-    for (y1, grads1, *_), (y2, grads2, *_) in (results[:2], results[2:]):
+    for (y1, grads1, *_), (y2, grads2, *_) in (results[:2], results[2:4], results[4:]):
         assert torch.equal(y1, y2)
         assert all(torch.equal(a, b) for a, b in zip(grads1, grads2, strict=True))
 
 
-def token_half(layers, norm, x, grad, combined):
-    """dropout(norm(token MLP(x))): its output, the input's and parameters' gradients, and the
-    norm's running statistics, as one fused function or as the token MLP then the norm."""
-    layers, norm = copy.deepcopy(layers), copy.deepcopy(norm)
-    x = x.clone().requires_grad_()
+def token_half(layers, norm, x, grad, combined, stem=None):
+    """dropout(norm(token MLP(x))), or with a stem of relu(stem(x)) for x the patches: its
+    output, the gradients (the input's, or the stem's) and the norm's running statistics, as one
+    fused function or as the stem, the token MLP, then the norm."""
+    layers, norm, stem = copy.deepcopy(layers), copy.deepcopy(norm), copy.deepcopy(stem)
+    x = x.clone().requires_grad_(stem is None)
     torch.manual_seed(5)  # the dropout mask's seed
     if combined:
-        y = token_mixing_norm_dropout(x, layers, norm, Dropout(0.1))
+        y = token_mixing_norm_dropout(x, layers, norm, Dropout(0.1), stem)
     else:
-        y = batch_norm_dropout(layers(x).flatten(0, 1), norm, Dropout(0.1))
+        x_in = x if stem is None else stem(x, relu=True)
+        y = batch_norm_dropout(layers(x_in).flatten(0, 1), norm, Dropout(0.1))
     assert (type(y.grad_fn).__name__ == "_TokenMixingNormDropoutFunctionBackward") == combined
     y.backward(grad)
-    grads = [x.grad, *(p.grad for p in layers.parameters()), norm.weight.grad, norm.bias.grad]
+    first = [x.grad] if stem is None else [stem.weight.grad, stem.bias.grad]
+    grads = [*first, *(p.grad for p in layers.parameters()), norm.weight.grad, norm.bias.grad]
     return y, grads, (norm.running_mean, norm.running_var)
 
 
@@ -586,6 +593,57 @@ def test_fused_token_half_computes_the_token_mlp_then_norm_and_dropout():
     assert torch.allclose(y, ref_y, rtol=1e-5, atol=1e-5)
     for ours, ref in zip(grads + list(stats), ref_grads + list(ref_stats), strict=True):
         assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max())
+
+
+# (tokens, hidden, out, batch, pixels, channels): the report's shapes (batch x channels a
+# multiple of the kernel's 64-column tile), a partial last tile, and fewer channels than a
+# vector's 16 lanes (each lane's image found on its own)
+@pytest.mark.parametrize(
+    "shape", [(49, 80, 60, 16, 16, 300), (49, 80, 60, 8, 16, 300), (20, 16, 10, 7, 9, 5)]
+)
+def test_token_half_computes_the_stem_inside_the_kernel(shape):
+    """With the patch stem inside the token kernel (relu(stem(patches)) computed tile by tile,
+    never stored), the token half gives the outputs, dropout mask, gradients (the stem's
+    included) and running statistics of the stem, then the token MLP's kernel, then the norm."""
+    tokens, hidden, out, batch, pixels, channels = shape
+    layers, _ = token_mlp_and_input(tokens, hidden, out, batch, channels)
+    stem = Linear(pixels, channels)
+    with torch.no_grad():
+        stem.bias.uniform_(-0.5, 0.5)
+    patches = torch.rand(tokens, batch, pixels)
+    assert 0.2 < (stem(patches) <= 0).double().mean() < 0.8  # the stem's ReLU matters
+    norm, _ = norm_and_input(channels=channels)
+    grad = torch.randn(out * batch, channels)
+    y, grads, stats = token_half(layers, norm, patches, grad, combined=True, stem=stem)
+    ref_y, ref_grads, ref_stats = token_half(layers, norm, patches, grad, False, stem=stem)
+    assert torch.equal(y == 0, ref_y == 0)  # the same mask
+    assert torch.allclose(y, ref_y, rtol=1e-4, atol=1e-4)
+    for ours, ref in zip(grads + list(stats), ref_grads + list(ref_stats), strict=True):
+        assert ours.shape == ref.shape
+        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
+
+
+def classifier_step(model, images, labels):
+    """Logits and every parameter's gradient of one training step's loss, dropout seeded."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(11)
+    logits = model(images)
+    nn.functional.cross_entropy(logits, labels).backward()
+    return [logits.detach()] + [p.grad for p in model.parameters()]
+
+
+def test_report_model_computes_its_stem_inside_the_token_kernel(params, monkeypatch):
+    """The report model hands its stem to the first block's token kernel: the same logits and
+    gradients as with the stem run first, up to fp32 rounding."""
+    model = build_model(config(params), seed=0)
+    images, labels = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    inside = classifier_step(model, images, labels)
+    assert model.stem_in_first_block()
+    monkeypatch.setattr(MixerClassifier, "stem_in_first_block", lambda self: False)
+    first = classifier_step(model, images, labels)
+    assert len(inside) == len(first) > 10
+    for ours, ref in zip(inside, first, strict=True):
+        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
 
 
 def test_token_mlp_runs_layer_by_layer_where_the_kernel_does_not_apply():
