@@ -9,13 +9,16 @@
       gives, (c0) the same with torch's nn.Dropout, (c1) in the notebook's layout, (c2) with
       glibc's default malloc settings, (c3) with torch's own products (MKL) instead of oneDNN's,
       (c4) with torch's element-wise kernels instead of the fused ones and (c5) with the token
-      MLP layer by layer (oneDNN's products) instead of the fused token-MLP kernel;
+      MLP layer by layer (oneDNN's products) instead of the fused token-MLP kernel (and the
+      stem run before it rather than inside it);
   with --compile (d) the same under torch.compile, with --bf16 (e) the same with bf16 autocast
   (AMX on recent x86 CPUs, tensor cores on GPUs), and with both (f) (e) under torch.compile.
 
 Also measures the machine's fp32 matrix-multiply peak (the best of five rounds of 2048x2048
-products on torch.mm and on oneDNN, the larger) and prints achieved GFLOP/s (the model's
-Linear-layer FLOPs, forward + backward = 3x forward) and ratios.
+products on torch.mm and on oneDNN, the larger), then again on the faster library in every
+round beside the paths, and prints achieved GFLOP/s (the model's Linear-layer FLOPs, forward +
+backward = 3x forward), each path's share of the peak measured in its own round (the median
+over rounds) and ratios.
 
 Timing: every path warms up (`--warmup` steps), then runs `--rounds` rounds of `--steps`
 optimizer steps, the paths taking turns within each round, so that a slow spell of a shared
@@ -66,6 +69,7 @@ from stages.training import (
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 60_000
+PEAK_SIZE = 2048  # the square products that measure the matmul peak
 
 
 def cpu_name() -> str:
@@ -85,29 +89,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(
-    device: torch.device, dtype=torch.float32, n=2048, rounds=5, repeats=4
-) -> dict[str, float]:
-    """GFLOP/s of the best of `rounds` rounds of n x n multiplies, per library: torch.mm and,
-    in fp32 on a CPU, oneDNN (the project's Linear layers use it, and on some CPUs it runs
-    fp32 twice as fast as torch.mm's MKL). The machine's peak is the larger."""
+def matmul_products(device: torch.device, dtype, n: int) -> dict[str, Callable[[], object]]:
+    """n x n multiplies per library: torch.mm and, in fp32 on a CPU, oneDNN (the project's
+    Linear layers use it, and on some CPUs it runs fp32 twice as fast as torch.mm's MKL)."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     products = {"torch.mm": lambda: torch.mm(a, b)}
     if ONEDNN_LINEAR is not None and device.type == "cpu" and dtype == torch.float32:
         products["oneDNN"] = lambda: _onednn_mm(a, b.t())
-    peaks = {}
-    for library, product in products.items():
-        product()
-        best = 0.0
-        for _ in range(rounds):
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                product()
-            sync(device)
-            best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
-        peaks[library] = best
-    return peaks
+    return products
+
+
+def matmul_gflops(device: torch.device, product, n: int, rounds: int, repeats=4) -> float:
+    """GFLOP/s of the best of `rounds` rounds of `repeats` n x n products."""
+    product()
+    best = 0.0
+    for _ in range(rounds):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            product()
+        sync(device)
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def with_torch_dropout(model: nn.Module) -> nn.Module:
@@ -136,7 +139,8 @@ def with_torch_linear(model: nn.Module) -> nn.Module:
 
 def with_token_layers(model: nn.Module) -> nn.Module:
     """The model with each token MLP run layer by layer (oneDNN products, the fused bias and
-    ReLU passes) instead of the fused token-MLP kernel."""
+    ReLU passes) instead of the fused token-MLP kernel, and so the stem before it instead of
+    inside it."""
     for module in model.modules():
         if isinstance(module, TokenMLP):
             module.fused = False
@@ -272,19 +276,25 @@ def baseline_process(conn, data_dir: Path, device_name: str, warmup: int) -> Non
         conn.send({name: time_steps(steps) for name, time_steps in paths.items()})
 
 
-def time_in_rounds(paths: dict, baselines, steps: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds of `steps` steps of each path, round after round; within a round the baseline
-    process times its paths, then this one times its own, one after the other, so a slow spell
-    of a shared machine hits every path rather than one."""
+def time_in_rounds(
+    paths: dict, baselines, peaks: dict[str, Callable[[], float]], steps: int, rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds of `steps` steps of each path and each precision's matmul peak, round after
+    round; within a round the baseline process times its paths, then this one measures the
+    peaks and times its own paths, one after the other, so a slow spell of a shared machine
+    hits every path and the peak it is compared with rather than one of them."""
     seconds = {name: [] for name in [*BASELINES.values(), *paths]}
+    peak_gflops = {precision: [] for precision in peaks}
     for _ in range(rounds):
         baselines.send(steps)
         for name, elapsed in baselines.recv().items():
             seconds[name].append(elapsed)
+        for precision, measure in peaks.items():
+            peak_gflops[precision].append(measure())
         for name, (time_steps, _precision) in paths.items():
             seconds[name].append(time_steps(steps))
     baselines.send(None)
-    return seconds
+    return seconds, peak_gflops
 
 
 def main() -> None:
@@ -314,14 +324,21 @@ def main() -> None:
         + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
     )
     precisions = {"fp32": torch.float32} | ({"bf16": torch.bfloat16} if args.bf16 else {})
-    peaks = {}
+    peaks = {}  # precision: a measurement of its peak on the faster library, for every round
     for precision, dtype in precisions.items():
-        by_library = matmul_peak(device, dtype)
-        peaks[precision] = max(by_library.values())
+        products = matmul_products(device, dtype, PEAK_SIZE)
+        by_library = {
+            library: matmul_gflops(device, product, PEAK_SIZE, rounds=5)
+            for library, product in products.items()
+        }
+        fastest = products[max(by_library, key=by_library.get)]
+        peaks[precision] = lambda product=fastest: matmul_gflops(
+            device, product, PEAK_SIZE, rounds=2
+        )
         each = ", ".join(f"{library} {gflops:.1f}" for library, gflops in by_library.items())
         print(
-            f"{precision} matmul peak (best of 5 x 4 2048x2048 products): "
-            f"{peaks[precision]:.1f} GFLOP/s ({each})"
+            f"{precision} matmul peak (best of 5 x 4 {PEAK_SIZE}x{PEAK_SIZE} products): "
+            f"{max(by_library.values()):.1f} GFLOP/s ({each})"
         )
     print(
         f"report model: {flops_per_step * steps_per_epoch / 1e12:.2f} TFLOP per epoch; "
@@ -374,9 +391,22 @@ def main() -> None:
         paths["(e) (c) with bf16 autocast"] = (project(run_cfg=bf16), "bf16")
         if args.compile:
             paths["(f) (e) under torch.compile"] = (project(run_cfg=bf16, compiled=True), "bf16")
-    seconds = time_in_rounds(paths, baselines, args.steps, args.rounds)
+    seconds, round_peaks = time_in_rounds(paths, baselines, peaks, args.steps, args.rounds)
     child.join()
     precisions = {name: precision for name, (_, precision) in paths.items()}
+    for precision, gflops in round_peaks.items():
+        print(
+            f"{precision} matmul peak in each round (best of 2 x 4, the faster library): "
+            + ", ".join(f"{g:.1f}" for g in gflops)
+            + " GFLOP/s; a row's % of peak is the median over rounds of its GFLOP/s over its "
+            "round's peak"
+        )
+
+    def share_of_peak(name: str, precision: str) -> float:
+        return statistics.median(
+            flops_per_step * args.steps / s / 1e9 / peak
+            for s, peak in zip(seconds[name], round_peaks[precision], strict=True)
+        )
 
     order = [
         "(a)", "(b)", "(c)", "(c0)", "(c1)", "(c2)", "(c3)", "(c4)", "(c5)", "(d)", "(e)", "(f)"
@@ -390,8 +420,8 @@ def main() -> None:
         print(
             f"{name:38s} {statistics.median(per_epoch):6.1f} s/epoch "
             f"({min(per_epoch):.1f}-{max(per_epoch):.1f})  {gflops:6.1f} GFLOP/s "
-            f"({gflops / peaks['fp32']:5.1%} of fp32 peak"
-            + (f", {gflops / peaks['bf16']:5.1%} of bf16 peak" if precision == "bf16" else "")
+            f"({share_of_peak(name, 'fp32'):5.1%} of fp32 peak"
+            + (f", {share_of_peak(name, 'bf16'):5.1%} of bf16 peak" if precision == "bf16" else "")
             + f")  {base / median:4.2f}x vs (a)"
         )
     if args.grid:

@@ -8,14 +8,11 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from dvclive import Live
 
-from stages.config import RunConfig
 from stages.data import CLASSES, class_key, load_dataset
 from stages.errors import UserError, run_cli
-from stages.model import MixerClassifier
-from stages.training import evaluate_logits, pick_device, predict
+from stages.training import evaluate_logits, load_trained, pick_device, predict
 
 
 def main() -> None:
@@ -29,8 +26,7 @@ def main() -> None:
     if not model_file.is_file() or not summary_file.is_file():
         raise UserError(f"{args.train} holds no finished training run (model.pt, summary.json)")
     summary = json.loads(summary_file.read_text())
-    saved = torch.load(model_file, map_location="cpu", weights_only=False)
-    cfg = RunConfig.from_dict(saved["config"], str(model_file))
+    model, cfg = load_trained(model_file)
 
     live = Live(str(args.out), dvcyaml=False, save_dvc_exp=False)
     live.log_metric("diverged", int(summary["diverged"]), plot=False)
@@ -42,9 +38,7 @@ def main() -> None:
         test = load_dataset(
             args.data, val_size=cfg.val_size, split_seed=cfg.split_seed, test_limit=cfg.test_limit
         ).test.to(device)
-        model = MixerClassifier(cfg.model).to(device)
-        model.load_state_dict(saved["state_dict"])
-        logits = predict(model, test, cfg)
+        logits = predict(model.to(device), test, cfg)
         loss, accuracy = evaluate_logits(logits, test.labels)
         predicted = logits.argmax(1).cpu()
         labels = test.labels.cpu()

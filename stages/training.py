@@ -72,6 +72,15 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
+def load_trained(model_file: Path) -> tuple[MixerClassifier, RunConfig]:
+    """The model a `train` stage saved (model.pt: its config and weights), on the CPU."""
+    saved = torch.load(model_file, map_location="cpu", weights_only=False)
+    cfg = RunConfig.from_dict(saved["config"], str(model_file))
+    model = MixerClassifier(cfg.model)
+    model.load_state_dict(saved["state_dict"])
+    return model, cfg
+
+
 def build_model(cfg: RunConfig, seed: int) -> MixerClassifier:
     torch.manual_seed(seed)
     model = MixerClassifier(cfg.model)

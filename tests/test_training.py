@@ -220,7 +220,59 @@ def test_speed_benchmark_times_every_path(data_dir):
     by_library = dict(item.rsplit(" ", 1) for item in peak[2].split(", "))
     assert set(by_library) == ({"torch.mm", "oneDNN"} if ONEDNN_LINEAR else {"torch.mm"})
     assert float(peak[1]) == max(map(float, by_library.values()))
+    # measured again in each round, beside the paths that each row compares with it
+    for precision in ("fp32", "bf16"):
+        line = rf"{precision} matmul peak in each round .*?: ([\d., ]+) GFLOP/s"
+        rounds = re.search(line, proc.stdout)
+        assert len(rounds[1].split(", ")) == 2, proc.stdout
 
+
+def test_other_dropout_stream_and_the_paired_comparison(tmp_path, data_dir):
+    """benchmarks/train_other_dropout_stream.py trains the plain path with the dropout stream
+    set by --offset (the same offset: the same run; another: other masks, another run), and
+    benchmarks/compare_runs.py compares runs image by image, its counts adding up to the runs'
+    accuracies."""
+    config = write_config(tmp_path, epochs=1)
+    runs = {}
+    for name, offset in (("a", 7), ("again", 7), ("b", 8)):
+        out = tmp_path / name
+        proc = run_stage(
+            [sys.executable, "benchmarks/train_other_dropout_stream.py", "--offset", str(offset)]
+            + train_cmd(config, data_dir, out, tmp_path / f"{name}.pt")[3:]
+        )
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["fused_cpu_kernels"] is False  # the plain path
+        runs[name] = out
+    assert history(runs["a"]) == history(runs["again"])
+    assert history(runs["a"]) != history(runs["b"])
+
+    proc = run_stage(
+        [sys.executable, "benchmarks/compare_runs.py", "--data", str(data_dir)]
+        + [str(runs[name]) for name in ("a", "again", "b")]
+    )
+    assert proc.returncode == 0, proc.stderr
+    accuracy = {
+        Path(m[1]).name: float(m[2])
+        for m in re.finditer(r"^(\S+): val [\d.]+ \(\d+ images\), test ([\d.]+)", proc.stdout, re.M)
+    }
+    assert set(accuracy) == {"a", "again", "b"}, proc.stdout
+    pairs = {
+        (Path(m[1]).name, Path(m[2]).name): [int(m[4]), int(m[5]), int(m[6])]
+        for m in re.finditer(
+            r"^(\S+) - (\S+), test: ([+-][\d.]+) points, n10 (\d+), n01 (\d+), "
+            r"predicted differently (\d+), z",
+            proc.stdout,
+            re.M,
+        )
+    }
+    assert pairs[("a", "again")] == [0, 0, 0]  # one run, twice
+    n10, n01, disagree = pairs[("a", "b")]
+    assert disagree >= n10 + n01 > 0
+    test_images = TINY["test_limit"]
+    assert (n10 - n01) / test_images == pytest.approx(accuracy["a"] - accuracy["b"], abs=2e-4)
+    missing = run_stage([sys.executable, "benchmarks/compare_runs.py", str(tmp_path / "none")])
+    assert missing.returncode == 2 and "holds no trained model" in missing.stderr
 
 
 def test_linear_shapes_benchmark_times_each_linear_both_ways():
