@@ -69,7 +69,6 @@ from stages.training import (
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 60_000
-PEAK_SIZE = 2048  # the square products that measure the matmul peak
 
 
 def cpu_name() -> str:
@@ -304,6 +303,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per path per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--peak-size",
+        type=int,
+        default=2048,
+        help="n of the n x n products that measure the matmul peak (smaller: quicker, lower)",
+    )
     parser.add_argument("--compile", action="store_true", help="also time (c) compiled")
     parser.add_argument(
         "--bf16", action="store_true", help="also time (c) with precision=bf16 (autocast)"
@@ -326,18 +331,18 @@ def main() -> None:
     precisions = {"fp32": torch.float32} | ({"bf16": torch.bfloat16} if args.bf16 else {})
     peaks = {}  # precision: a measurement of its peak on the faster library, for every round
     for precision, dtype in precisions.items():
-        products = matmul_products(device, dtype, PEAK_SIZE)
+        products = matmul_products(device, dtype, args.peak_size)
         by_library = {
-            library: matmul_gflops(device, product, PEAK_SIZE, rounds=5)
+            library: matmul_gflops(device, product, args.peak_size, rounds=5)
             for library, product in products.items()
         }
         fastest = products[max(by_library, key=by_library.get)]
         peaks[precision] = lambda product=fastest: matmul_gflops(
-            device, product, PEAK_SIZE, rounds=2
+            device, product, args.peak_size, rounds=2
         )
         each = ", ".join(f"{library} {gflops:.1f}" for library, gflops in by_library.items())
         print(
-            f"{precision} matmul peak (best of 5 x 4 {PEAK_SIZE}x{PEAK_SIZE} products): "
+            f"{precision} matmul peak (best of 5 x 4 {args.peak_size}x{args.peak_size} products): "
             f"{max(by_library.values()):.1f} GFLOP/s ({each})"
         )
     print(

@@ -206,7 +206,7 @@ def test_speed_benchmark_times_every_path(data_dir):
     """The benchmark (and so benchmarks/gpu_check.sh) runs each path and compares it to (a)."""
     proc = run_stage(
         [sys.executable, "benchmarks/bench_speed.py", "--data", str(data_dir),
-         "--steps", "2", "--rounds", "2", "--warmup", "1", "--bf16"]
+         "--steps", "2", "--rounds", "2", "--warmup", "1", "--peak-size", "512", "--bf16"]
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if " s/epoch (" in line]
