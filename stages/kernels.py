@@ -30,10 +30,20 @@ _ISA_FLAGS = {
 
 use = True  # False: torch's kernels everywhere (the benchmark's comparison)
 
+# Where the token MLP's kernel beats its layers run in turn: its register blocks (5 x 4 vectors
+# of 16 floats) fit AVX-512's 32 registers but spill from AVX2's 16; on a Zen 3 (AVX2) the
+# project's epoch took 98.6 s with it against 35.6 s without it (docs/speed.md).
+TOKEN_MLP_ISAS = {"AVX512"}
+
 
 def fused():
     """The compiled kernels when in use and buildable here, else None."""
     return load() if use else None
+
+
+def fused_token_mlp():
+    """The compiled kernels where the token MLP's kernel is also fast on this CPU, else None."""
+    return fused() if torch.backends.cpu.get_cpu_capability() in TOKEN_MLP_ISAS else None
 
 
 def _shared_copy(code: bytes, name: str, default_root: str) -> Path:

@@ -248,8 +248,8 @@ class _FusedTokenMLPFunction(torch.autograd.Function):
 
 class TokenMLP(MLP):
     """The MLP along the token axis: TokenLinear, ReLU, TokenLinear runs as one fused kernel
-    where it applies (fp32 on a CPU, eager, the kernels built), else layer by layer, as always
-    with `fused = False` (the benchmark's comparison)."""
+    where it applies (fp32 on a CPU with AVX-512, eager, the kernels built), else layer by
+    layer, as always with `fused = False` (the benchmark's comparison)."""
 
     fused = True
 
@@ -261,7 +261,7 @@ class TokenMLP(MLP):
             and first.onednn
             and second.onednn
             and _onednn_applies(x)
-            and kernels.fused() is not None
+            and kernels.fused_token_mlp() is not None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -493,6 +493,13 @@ def token_mlp_and_input(tokens, hidden, out, batch, channels):
     return layers, torch.randn(tokens, batch, channels)
 
 
+@pytest.fixture
+def token_kernel_here(monkeypatch):
+    """The token MLP's kernel in use on this CPU even where it is slower than the layers
+    (AVX2): its results are tested on every CPU."""
+    monkeypatch.setattr(kernels, "TOKEN_MLP_ISAS", {torch.backends.cpu.get_cpu_capability()})
+
+
 def token_mlp_grads(layers, x, grad):
     x = x.clone().requires_grad_()
     y = layers(x)
@@ -504,6 +511,7 @@ def token_mlp_grads(layers, x, grad):
 
 # batch * channels: a multiple of the kernel's 64-column tile, one with a partial last tile,
 # and fewer columns than one tile
+@pytest.mark.usefixtures("token_kernel_here")
 @pytest.mark.parametrize(
     "shape", [(49, 80, 60, 16, 300), (49, 80, 60, 8, 300), (20, 16, 10, 3, 5)]
 )
@@ -529,6 +537,7 @@ def test_fused_token_mlp_computes_the_layers(shape):
         assert torch.equal(layers(x), y.detach())
 
 
+@pytest.mark.usefixtures("token_kernel_here")
 def test_fused_token_mlp_sums_the_same_with_any_thread_count():
     """The weight gradients and the BatchNorm's statistics are sums over a fixed number of column
     chunks: one thread and two give the same bits, for the token MLP and the whole token half."""
@@ -578,6 +587,7 @@ def token_half(layers, norm, x, grad, combined, stem=None):
     return y, grads, (norm.running_mean, norm.running_var)
 
 
+@pytest.mark.usefixtures("token_kernel_here")
 def test_fused_token_half_computes_the_token_mlp_then_norm_and_dropout():
     """The report block's token half as one function (the token MLP's kernel summing the
     BatchNorm's statistics, its backward forming the BatchNorm's input gradient tile by tile):
@@ -598,6 +608,7 @@ def test_fused_token_half_computes_the_token_mlp_then_norm_and_dropout():
 # (tokens, hidden, out, batch, pixels, channels): the report's shapes (batch x channels a
 # multiple of the kernel's 64-column tile), a partial last tile, and fewer channels than a
 # vector's 16 lanes (each lane's image found on its own)
+@pytest.mark.usefixtures("token_kernel_here")
 @pytest.mark.parametrize(
     "shape", [(49, 80, 60, 16, 16, 300), (49, 80, 60, 8, 16, 300), (20, 16, 10, 7, 9, 5)]
 )
@@ -632,6 +643,7 @@ def classifier_step(model, images, labels):
     return [logits.detach()] + [p.grad for p in model.parameters()]
 
 
+@pytest.mark.usefixtures("token_kernel_here")
 def test_report_model_computes_its_stem_inside_the_token_kernel(params, monkeypatch):
     """The report model hands its stem to the first block's token kernel: the same logits and
     gradients as with the stem run first, up to fp32 rounding."""
@@ -646,11 +658,14 @@ def test_report_model_computes_its_stem_inside_the_token_kernel(params, monkeypa
         assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
 
 
-def test_token_mlp_runs_layer_by_layer_where_the_kernel_does_not_apply():
-    """Without the kernels, with a GELU, or with a layer on torch's products, the token MLP is
-    its layers in order, with the same parameters and function."""
+@pytest.mark.usefixtures("token_kernel_here")
+def test_token_mlp_runs_layer_by_layer_where_the_kernel_does_not_apply(monkeypatch):
+    """Without the kernels, on a CPU where the kernel is slow (outside TOKEN_MLP_ISAS), with a
+    GELU, or with a layer on torch's products, the token MLP is its layers in order, with the
+    same parameters and function."""
     layers, x = token_mlp_and_input(49, 80, 60, 4, 300)
     fused = layers(x)
+    assert type(fused.grad_fn).__name__ == "_FusedTokenMLPFunctionBackward"
     kernels.use = False
     try:
         unfused = layers(x)
@@ -658,6 +673,9 @@ def test_token_mlp_runs_layer_by_layer_where_the_kernel_does_not_apply():
         kernels.use = True
     assert type(unfused.grad_fn).__name__ != "_FusedTokenMLPFunctionBackward"
     assert torch.allclose(fused, unfused, rtol=1e-5, atol=1e-5)
+    with monkeypatch.context() as slow_here:
+        slow_here.setattr(kernels, "TOKEN_MLP_ISAS", set())
+        assert type(layers(x).grad_fn).__name__ != "_FusedTokenMLPFunctionBackward"
     gelu = mlp(49, 80, 60, "gelu", linear=TokenLinear)
     assert "FusedTokenMLP" not in type(gelu(x).grad_fn).__name__
     layers[2].onednn = False
