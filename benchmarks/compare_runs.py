@@ -5,9 +5,8 @@ McNemar's test: about that spread is expected between two equally accurate model
 
     python benchmarks/compare_runs.py RUN [RUN ...]   # `train` stage output folders
 
-Every model predicts with torch's kernels (the fused CPU kernels off), so the comparison does
-not depend on which path trained it. docs/speed.md ("Same results") uses it to bound how far
-two runs with the same seed may differ.
+Every model predicts as the plain model (`cpu_kernels: off`), so the comparison does not depend
+on which path trained it.
 """
 
 import argparse
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from stages import kernels
 from stages.data import load_dataset
 from stages.errors import UserError, run_cli
 from stages.training import load_trained, predict
@@ -65,7 +63,6 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+", help="train stage output folders")
     parser.add_argument("--data", type=Path, default=Path("data/fashion-mnist"))
     args = parser.parse_args()
-    kernels.use = False
     results = {run: predictions(run, args.data) for run in args.runs}
     for run, by_split in results.items():
         accuracies = ", ".join(

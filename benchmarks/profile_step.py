@@ -1,4 +1,4 @@
-"""Where a training step of the report model spends its time: torch.profiler's table.
+"""Where a training step of a run spends its time, on the path `fit` takes: torch.profiler's table.
 
 python benchmarks/profile_step.py [--device cuda] [--steps 10] [--precision bf16] [--run mixer]
 """
@@ -13,7 +13,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from stages.config import resolve_run
-from stages.training import autocast, build_model, keep_freed_memory, make_optimizer
+from stages.fast import accelerate
+from stages.training import autocast, build_model, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,15 +31,15 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = resolve_run(yaml.safe_load((REPO / "params.yaml").read_text()), args.run)
     cfg = replace(cfg, precision=args.precision or cfg.precision)
-    keep_freed_memory()  # as `fit` does
     model = build_model(cfg, seed=0).to(device)
+    net, path = accelerate(model, cfg, device)  # as `fit` does
     optimizer = make_optimizer(cfg, model.parameters())
     images = torch.rand(cfg.batch_size, 1, 28, 28, device=device)
     labels = torch.randint(0, 10, (cfg.batch_size,), device=device)
 
     def step() -> None:
         with autocast(cfg, device):
-            logits = model(images)
+            logits = net(images)
         loss = nn.functional.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -54,7 +55,7 @@ def main() -> None:
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(
-        f"run {args.run}, {cfg.precision}: {args.steps} steps, batch {cfg.batch_size}, "
+        f"run {args.run}, {cfg.precision}, {path}: {args.steps} steps, batch {cfg.batch_size}, "
         f"{torch.get_num_threads()} threads"
     )
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=40))

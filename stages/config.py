@@ -25,12 +25,13 @@ CHOICES = {
     "plateau_metric": ("val_loss", "val_accuracy"),
     "plateau_mode": ("min", "max"),
     "activation": ("relu", "gelu"),
-    "block": ("report", "pre_norm", "gated"),
+    "block": ("notebook", "mixer", "gmlp"),
     "precision": ("fp32", "bf16"),
+    "cpu_kernels": ("auto", "off"),
 }
 # Normalisations each block design supports: the notebook's block used BatchNorm after each MLP,
-# the residual blocks (pre_norm, gated) a LayerNorm before each.
-NORMS = {"report": ("batch", "none"), "pre_norm": ("layer", "none"), "gated": ("layer", "none")}
+# the residual blocks (mixer, gmlp) a LayerNorm before each.
+NORMS = {"notebook": ("batch", "none"), "mixer": ("layer", "none"), "gmlp": ("layer", "none")}
 RUN_NAME = re.compile(r"^[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*$")
 
 
@@ -43,12 +44,12 @@ class ModelConfig:
     stem_hidden: int | None  # None: a linear stem; an int: a one-hidden-layer MLP stem
     token_mlp: tuple[tuple[int, int], ...]  # (hidden, out) widths of each block's token MLP
     channel_mlp: tuple[tuple[int, int], ...]  # (hidden, out) widths of each block's channel MLP
-    block: str  # report: the notebook's; pre_norm: MLP-Mixer's residual; gated: gMLP's (model.py)
+    block: str  # notebook: the report's; mixer: MLP-Mixer's; gmlp: gMLP's (stages/model.py)
     activation: str
     norm: str
     dropout: float
-    drop_path: float  # stochastic depth of the deepest pre_norm block; earlier ones scale down
-    spatial_shift: float  # pre_norm only: share of channels moved one patch before channel mixing
+    drop_path: float  # stochastic depth of the deepest residual block; earlier ones scale down
+    spatial_shift: float  # mixer only: share of channels moved one patch before channel mixing
 
     @property
     def blocks(self) -> int:
@@ -84,6 +85,7 @@ class RunConfig:
     mixup_alpha: float  # batch mixing: Beta(alpha, alpha) weight of MixUp (0: off)
     cutmix_alpha: float  # batch mixing: Beta(alpha, alpha) area kept by CutMix (0: off)
     precision: str  # fp32 | bf16: autocast of the forward pass
+    cpu_kernels: str  # auto: the CPU fast path where it applies (stages/fast); off: plain torch
     epochs: int
     batch_size: int
     eval_batch_size: int
@@ -235,27 +237,27 @@ def _model_config(name: str, preset: Any, blocks: int) -> ModelConfig:
             f"{where}.spatial_shift", preset["spatial_shift"], low=0.0, high=1.0, closed="[]"
         ),
     )
-    if block == "report":
+    if block == "notebook":
         for key in ("drop_path", "spatial_shift"):
             if value := getattr(cfg, key):
-                raise UserError(f"{where}.{key}={value} needs block=pre_norm (residual)")
+                raise UserError(f"{where}.{key}={value} needs a residual block (mixer or gmlp)")
         return cfg
-    if block == "gated" and cfg.spatial_shift:
-        raise UserError(f"{where}.spatial_shift={cfg.spatial_shift} needs block=pre_norm")
-    # A residual block adds its input to its output, so no block may change the widths; a gated
+    if block == "gmlp" and cfg.spatial_shift:
+        raise UserError(f"{where}.spatial_shift={cfg.spatial_shift} needs block=mixer")
+    # A residual block adds its input to its output, so no block may change the widths; a gMLP
     # block's token layer is tokens -> tokens and its hidden width splits into two halves.
     for i, ((token_hidden, tokens_out), (channel_hidden, channels_out)) in enumerate(
         zip(cfg.token_mlp, cfg.channel_mlp, strict=True)
     ):
-        if block == "gated" and token_hidden != cfg.num_patches:
+        if block == "gmlp" and token_hidden != cfg.num_patches:
             raise UserError(
-                f"{where}.token_mlp[{i}] = [{token_hidden}, ...]: a gated block mixes the "
+                f"{where}.token_mlp[{i}] = [{token_hidden}, ...]: a gmlp block mixes the "
                 f"tokens with one {cfg.num_patches} -> {cfg.num_patches} layer; use "
                 f"[{cfg.num_patches}, {cfg.num_patches}]"
             )
-        if block == "gated" and channel_hidden % 2:
+        if block == "gmlp" and channel_hidden % 2:
             raise UserError(
-                f"{where}.channel_mlp[{i}] hidden width {channel_hidden} is odd; a gated "
+                f"{where}.channel_mlp[{i}] hidden width {channel_hidden} is odd; a gmlp "
                 "block splits it into two halves (gate and value)"
             )
         if tokens_out != cfg.num_patches:
@@ -320,6 +322,7 @@ def build_config(values: dict[str, Any], where: str = "params.yaml") -> RunConfi
             f"{where}: cutmix_alpha", v["cutmix_alpha"], low=0.0, high=float("inf")
         ),
         precision=_choice("precision", f"{where}: precision", v["precision"]),
+        cpu_kernels=_choice("cpu_kernels", f"{where}: cpu_kernels", v["cpu_kernels"]),
         epochs=_int(f"{where}: epochs", v["epochs"]),
         batch_size=_int(f"{where}: batch_size", v["batch_size"]),
         eval_batch_size=_int(f"{where}: eval_batch_size", v["eval_batch_size"]),

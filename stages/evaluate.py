@@ -12,6 +12,7 @@ from dvclive import Live
 
 from stages.data import CLASSES, class_key, load_dataset
 from stages.errors import UserError, run_cli
+from stages.fast import accelerate
 from stages.training import evaluate_logits, load_trained, pick_device, predict
 
 
@@ -38,7 +39,8 @@ def main() -> None:
         test = load_dataset(
             args.data, val_size=cfg.val_size, split_seed=cfg.split_seed, test_limit=cfg.test_limit
         ).test.to(device)
-        logits = predict(model.to(device), test, cfg)
+        net, _ = accelerate(model.to(device), cfg, device)
+        logits = predict(net, test, cfg)
         loss, accuracy = evaluate_logits(logits, test.labels)
         predicted = logits.argmax(1).cpu()
         labels = test.labels.cpu()

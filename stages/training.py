@@ -5,8 +5,6 @@ scheduler on the validation split, log, checkpoint. The test set is evaluated ev
 the report's curves only; nothing in training looks at it.
 """
 
-import ctypes
-import hashlib
 import math
 import sys
 import time
@@ -19,17 +17,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages import kernels
 from stages.augment import augment, augments, batch_mixer
 from stages.config import RunConfig
 from stages.data import Dataset, Split
+from stages.fast import accelerate
 from stages.files import atomic_write
 from stages.model import MixerClassifier, init_weights
+from stages.sources import code_digest
 
-# Source files whose change makes an old checkpoint unusable for resuming.
-CODE_FILES = (
-    "augment.py", "config.py", "data.py", "kernels.cpp", "kernels.py", "model.py", "training.py"
-)
 PROGRESS_EVERY = 25  # steps between progress-bar loss updates (each one syncs the device)
 
 
@@ -46,31 +41,6 @@ def allow_tf32(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-def keep_freed_memory() -> None:
-    """Let glibc's malloc keep the memory a training step frees, for the next step to reuse.
-
-    A step allocates and frees tensors of up to tens of MB. With glibc's default settings that
-    memory goes back to the kernel and returns as fresh pages: about 6,000 page faults and
-    10-20 ms of system time per step of the report model on 2 cores, a sixth of a bf16 step
-    (docs/speed.md). The settings last for the process; nothing changes without glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows)
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's maximum; only larger blocks use mmap
-    mallopt(m_trim_threshold, 2**31 - 1)  # never hand the heap's free top back to the kernel
-
-
-def code_version() -> str:
-    here = Path(__file__).parent
-    digest = hashlib.md5(usedforsecurity=False)
-    for name in CODE_FILES:
-        digest.update((here / name).read_bytes())
-    return digest.hexdigest()
 
 
 def load_trained(model_file: Path) -> tuple[MixerClassifier, RunConfig]:
@@ -90,8 +60,8 @@ def build_model(cfg: RunConfig, seed: int) -> MixerClassifier:
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
-    """Adam and AdamW run torch's fused kernel (one per parameter, on the CPU too): the default
-    loop over parameters cost 0.33 ms per step of the report model against 0.09 (docs/speed.md)."""
+    """Adam and AdamW run torch's fused kernel (one per parameter, on the CPU too), which gives
+    the same updates as its loop over parameters to fp32 rounding, in less time."""
     if cfg.optimizer == "adamw":
         # Decoupled weight decay on the weight matrices only, not on biases and norm gains.
         params = list(params)
@@ -131,8 +101,7 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_e
 
 def bf16_is_native(device: torch.device) -> bool:
     """Whether bf16 products run in hardware: on a GPU, or on a CPU where oneDNN has bf16
-    instructions (AVX-512 or AMX). On an AVX2 Zen 3 they are emulated: the modern Mixer's
-    step took 9.3x as long in bf16 as in fp32 (docs/speed.md)."""
+    instructions (AVX-512 or AMX); elsewhere they are emulated, far slower than fp32."""
     return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -141,8 +110,8 @@ def precision_warning(cfg: RunConfig, device: torch.device, label: str) -> str |
     if cfg.precision != "bf16" or bf16_is_native(device):
         return None
     return (
-        f"warning: {label}: precision bf16 on a CPU without bf16 instructions runs about 9x "
-        f"slower than fp32; for speed set it to fp32 (dvc exp run -S runs.<run>.precision=fp32)"
+        f"warning: {label}: precision bf16 is emulated on a CPU without bf16 instructions, many "
+        f"times slower than fp32; for speed: dvc exp run -S runs.<run>.precision=fp32"
     )
 
 
@@ -272,10 +241,10 @@ def fit(
     benchmark times the bare loop that way.
     """
     allow_tf32(device)
-    keep_freed_memory()
     if warning := precision_warning(cfg, device, label):
         print(warning, file=sys.stderr)
     model = build_model(cfg, seed).to(device)
+    net, cpu_kernels = accelerate(model, cfg, device)  # the same parameters, maybe a faster path
     optimizer = make_optimizer(cfg, model.parameters())
     steps = math.ceil(len(data.train) / cfg.batch_size)
     scheduler = make_scheduler(cfg, optimizer, steps)
@@ -285,7 +254,7 @@ def fit(
     history: list[dict[str, float]] = []
     diverged_epoch = None
 
-    key = {"config": cfg.to_dict(), "seed": seed, "code": code_version()}
+    key = {"config": cfg.to_dict(), "seed": seed, "code": code_digest("stages.train")}
     state = _load_checkpoint(checkpoint, key) if checkpoint is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -319,7 +288,7 @@ def fit(
             bar.set_description(f"{label} epoch {epoch}/{cfg.epochs}")
             started = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            result = train_epoch(model, optimizer, train, cfg, shuffle, per_batch, progress)
+            result = train_epoch(net, optimizer, train, cfg, shuffle, per_batch, progress)
             if not math.isfinite(result.loss):
                 diverged_epoch = epoch
                 print(
@@ -327,8 +296,8 @@ def fit(
                 )
                 break
             train_time = time.perf_counter() - started
-            val_loss, val_accuracy = evaluate(model, val, cfg)
-            test_loss, test_accuracy = evaluate(model, test, cfg)
+            val_loss, val_accuracy = evaluate(net, val, cfg)
+            test_loss, test_accuracy = evaluate(net, test, cfg)
             if cfg.scheduler == "plateau":
                 scheduler.step(val_accuracy if cfg.plateau_metric == "val_accuracy" else val_loss)
             record = {
@@ -377,8 +346,7 @@ def fit(
             sum(r["epoch_seconds"] for r in history) / len(history) if history else None
         ),
         "device": str(device),
-        # the fused kernels draw their own dropout masks: a run is repeatable given this too
-        "fused_cpu_kernels": device.type == "cpu" and kernels.fused() is not None,
+        "cpu_kernels": cpu_kernels,  # the path that ran: its dropout masks are its own
         "history": history,
     }
     return model, summary

@@ -1,10 +1,10 @@
-"""The model, its initialisation, optimizers and scheduler, on tiny random tensors only."""
+"""The plain model (stages/model.py), its initialisation, optimizers and schedulers, on tiny
+random tensors only. tests/test_fast.py holds the fast path to this model."""
 
 import copy
 import dataclasses
 import itertools
 import math
-import platform
 from pathlib import Path
 
 import pytest
@@ -12,30 +12,18 @@ import torch
 import yaml
 from torch import nn
 
-from notebook_model import NotebookModel  # benchmarks/, on pytest's pythonpath
-from stages import kernels
 from stages.config import resolve_run
 from stages.errors import UserError
 from stages.model import (
-    MLP,
-    ONEDNN_LINEAR,
-    WIDE_INPUT,
-    Dropout,
-    Linear,
     MixerClassifier,
-    TokenLinear,
-    batch_norm_dropout,
     count_parameters,
     forward_flops,
-    mlp,
     patchify,
     spatial_shift,
-    token_mixing_norm_dropout,
 )
 from stages.training import autocast, build_model, make_optimizer, make_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def params() -> dict:
@@ -72,13 +60,11 @@ def counted_flops(model: nn.Module, images: torch.Tensor) -> int:
         total += rows * module.in_features * module.out_features
 
     handles = [m.register_forward_hook(hook) for m in linears(model)]
-    kernels.use = False  # the fused token MLP runs its layers' products without calling them
     try:
         model.eval()
         with torch.no_grad():
             model(images)
     finally:
-        kernels.use = True
         for h in handles:
             h.remove()
     return 2 * total // images.shape[0]
@@ -101,21 +87,21 @@ def notebook_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 def test_patchify_shape_and_row_major_patches():
     images = torch.randn(2, 1, 28, 28)
     patches = patchify(images, 4)
-    assert patches.shape == (49, 2, 16)  # token-major: (patches, batch, pixels)
+    assert patches.shape == (2, 49, 16)  # (batch, patches, pixels)
     for b in range(2):
         for k in (0, 1, 6, 7, 8, 20, 42, 48):
             row, col = divmod(k, 7)
             crop = images[b, 0, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4]
-            assert torch.equal(patches[k, b], crop.reshape(16)), (b, k)
-    assert torch.equal(patches.transpose(0, 1), notebook_patches(images, 4))
+            assert torch.equal(patches[b, k], crop.reshape(16)), (b, k)
+    assert torch.equal(patches, notebook_patches(images, 4))
 
 
 def test_patchify_other_patch_size_keeps_every_pixel_once():
     images = torch.arange(2 * 28 * 28, dtype=torch.float32).reshape(2, 1, 28, 28)
     patches = patchify(images, 7)
-    assert patches.shape == (16, 2, 49)
+    assert patches.shape == (2, 16, 49)
     # patch 5 of image 1: grid row 1, column 1
-    assert torch.equal(patches[5, 1], images[1, 0, 7:14, 7:14].reshape(49))
+    assert torch.equal(patches[1, 5], images[1, 0, 7:14, 7:14].reshape(49))
     assert torch.equal(patches.flatten().sort().values, images.flatten().sort().values)
 
 
@@ -226,7 +212,7 @@ def test_per_block_widths_are_honoured(params):
     model.eval()
     x = torch.rand(4, 1, 28, 28)
     assert model(x).shape == (4, 10)
-    assert model.blocks(model.stem(patchify(x, 4))).shape == (10, 4, 30)  # (tokens, batch, ch)
+    assert model.blocks(model.stem(patchify(x, 4))).shape == (4, 10, 30)  # (batch, tokens, ch)
     assert counted_flops(model, x) == forward_flops(cfg.model)
 
 
@@ -240,85 +226,35 @@ def test_token_widths_per_block_with_shared_channel_widths(params):
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
-# ---------------------------------------------------------------- the notebook's layout
+# ---------------------------------------------------------------- the specification
 
 
 def linear_on(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return nn.functional.linear(x, layer.weight, layer.bias)
 
 
-# (dtype, rtol of outputs and buffers, rtol of gradients, atol): float64 checks the layout
-# exactly; fp32 adds the oneDNN Linear against the notebook's torch linear, equal to rounding.
-PRECISIONS = [(torch.float64, 1e-10, 1e-9, 1e-12), (torch.float32, 1e-4, 1e-3, 1e-5)]
-
-
-@pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize("dtype, rtol, grad_rtol, atol", PRECISIONS)
-def test_token_major_layout_computes_the_notebooks_model(
-    params, train, dtype, rtol, grad_rtol, atol
-):
-    """Same outputs, gradients and BatchNorm running statistics as the notebook's layout, which
-    the speed benchmark's seed-style paths train (two blocks with changing widths; dropout off in
-    training, since each layout draws its own masks)."""
-    cfg = config(
-        params, blocks=2, preset={"token_mlp": [[32, 20], [16, 10]], "dropout": 0.0}
-    )
+def test_notebook_blocks_compute_the_specification(params):
+    """O1 = g(X^T W1) W2 with BatchNorm over the features, transpose back, dropout (off here),
+    O2 = g(O1 W3) W4 with BatchNorm over the token rows, mean feature per token row: written
+    out with functional ops, two blocks whose widths change."""
+    cfg = config(params, blocks=2, preset={"token_mlp": [[32, 20], [16, 10]], "dropout": 0.0})
     torch.manual_seed(0)
-    model = MixerClassifier(cfg.model).to(dtype).train(train)
-    reference = NotebookModel(copy.deepcopy(model))
-    images = torch.rand(8, 1, 28, 28, dtype=dtype)
-    labels = torch.arange(8) % 10
-    ours, theirs = model(images), reference(images)
-    assert torch.allclose(ours, theirs, rtol=rtol, atol=atol)
-    nn.functional.cross_entropy(ours, labels).backward()
-    nn.functional.cross_entropy(theirs, labels).backward()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, rtol=grad_rtol, atol=atol), name
-    for (name, b), c in zip(model.named_buffers(), reference.buffers(), strict=True):
-        assert torch.allclose(b.double(), c.double(), rtol=rtol, atol=atol), name
-
-
-@pytest.mark.parametrize(
-    "layer_type, backward_name",
-    [
-        (Linear, "_OneDNNLinearFunctionBackward"),
-        (TokenLinear, "_OneDNNTokenLinearFunctionBackward"),
-    ],
-)
-@pytest.mark.parametrize("relu", [False, True])
-# both ways of the token wgrad; and a Linear wide enough for the weight gradient on oneDNN
-@pytest.mark.parametrize("features", [(30, 20), (20, 30), (WIDE_INPUT, 40)])
-def test_onednn_linear_computes_torchs_linear_in_fp32(layer_type, backward_name, relu, features):
-    """`Linear` (along the last axis) and `TokenLinear` (along the first) run fp32 CPU products on
-    oneDNN, with or without the ReLU that `MLP` fuses into them: same outputs and gradients as
-    torch's own path (`onednn = False`) up to fp32 rounding, for (tokens, batch, channels)
-    inputs; bf16 autocast keeps torch's path."""
-    if platform.machine() in ("x86_64", "AMD64"):
-        assert ONEDNN_LINEAR is not None  # torch's x86 wheels ship it: the fast path must run
-    torch.manual_seed(0)
-    layer = layer_type(*features)
-    x = torch.randn(features[0], 8, features[0], requires_grad=True)
-    out_shape = layer(x).shape
-    grad = torch.randn(out_shape[::-1]).permute(2, 1, 0)  # a non-contiguous incoming gradient
-    results = []
-    for onednn in (True, False):
-        layer.onednn = onednn
-        out = layer(x, relu=relu)
-        out.backward(grad)
-        results.append((out, x.grad, layer.weight.grad, layer.bias.grad))
-        x.grad = layer.weight.grad = layer.bias.grad = None
-        if onednn and ONEDNN_LINEAR is not None:
-            assert type(out.grad_fn).__name__ == backward_name
-    for ours, torchs in zip(*results, strict=True):
-        assert ours.shape == torchs.shape
-        assert torch.allclose(ours, torchs, rtol=1e-5, atol=1e-4)  # sums of 512 terms: order
-    assert (results[0][0] == 0).any() == relu  # the ReLU ran, and only when asked
-    if ONEDNN_LINEAR is not None:  # and an MLP hands its ReLU to the product before it
-        mlp_out = MLP(layer_type(*features), nn.ReLU())(x)
-        assert type(mlp_out.grad_fn).__name__ == backward_name
-    layer.onednn = True
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer(x).dtype == torch.bfloat16
+    model = MixerClassifier(cfg.model).double().train()
+    images = torch.rand(8, 1, 28, 28, dtype=torch.float64)
+    x = torch.relu(linear_on(notebook_patches(images, 4), model.stem[0]))
+    for block in model.blocks:
+        w1, _, w2 = block.token_mixing
+        w3, _, w4 = block.channel_mixing
+        o1 = linear_on(torch.relu(linear_on(x.transpose(1, 2), w1)), w2)  # (batch, ch, tokens')
+        o1 = nn.functional.batch_norm(
+            o1, None, None, block.token_norm.weight, block.token_norm.bias, training=True
+        ).transpose(1, 2)
+        o2 = linear_on(torch.relu(linear_on(o1, w3)), w4)  # (batch, tokens', channels')
+        x = nn.functional.batch_norm(
+            o2, None, None, block.channel_norm.weight, block.channel_norm.bias, training=True
+        )
+    expected = model.classifier(x.mean(dim=2))
+    assert torch.allclose(model(images), expected, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------- architecture options
@@ -357,329 +293,6 @@ def test_dropout_value_honoured(params, p):
     assert len(dropouts) == 2
     assert all(d.p == p for d in dropouts)
 
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_behaves_as_torch_dropout_on_the_cpu(p, dtype):
-    """Zeroes a fraction p in every lane of its 64-bit draws, scales the rest as torch does."""
-    x = torch.rand(4000, 1000).add_(1.0).to(dtype).requires_grad_()
-    torch.manual_seed(0)
-    y = Dropout(p)(x)
-    dropped = y == 0
-    # the four int16 lanes of each draw: a lane with too few random bits would show here
-    for lane in range(4):
-        assert abs(dropped.view(-1, 4)[:, lane].float().mean().item() - p) < 0.004
-    scale = torch.tensor(1.0 / (1.0 - p), dtype=dtype)  # torch's CPU mask: 1/(1-p) in x's dtype
-    assert torch.equal(y[~dropped], x.detach()[~dropped] * scale)
-    y.backward(torch.ones_like(y))
-    assert torch.equal(x.grad, torch.where(dropped, 0.0, scale).to(dtype))
-    torch.manual_seed(0)
-    assert torch.equal(Dropout(p)(x), y)  # the seed fixes the mask
-    assert Dropout(p).eval()(x) is x
-
-
-def norm_and_input(rows: int = 3000, channels: int = 70) -> tuple[nn.BatchNorm1d, torch.Tensor]:
-    """A BatchNorm with non-trivial affine parameters and running statistics, and rows of
-    activations far from zero mean and unit variance."""
-    torch.manual_seed(0)
-    norm = nn.BatchNorm1d(channels)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-1.0, 1.0)
-        norm.running_mean.uniform_(-1.0, 1.0)
-        norm.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(rows, channels) * torch.linspace(0.5, 4.0, channels) + 3.0
-    return norm, x
-
-
-def run_norm_dropout(norm, x, p, fused, grad=None):
-    """Output, input/weight/bias gradients of dropout(norm(x)) on a copy of norm, and the copy."""
-    norm = copy.deepcopy(norm)
-    x = x.clone().requires_grad_()
-    kernels.use = fused
-    try:
-        y = batch_norm_dropout(x, norm, Dropout(p))
-    finally:
-        kernels.use = True
-    assert ("_BatchNormDropout" in type(y.grad_fn).__name__) == fused
-    y.backward(torch.ones_like(y) if grad is None else grad)
-    return y.detach(), (x.grad, norm.weight.grad, norm.bias.grad), norm
-
-
-def test_fused_kernels_build_here():
-    """CI installs a compiler: the fused path must be what the tests below exercise."""
-    assert kernels.load() is not None
-
-
-def test_every_checkout_shares_one_kernel_build(tmp_path, monkeypatch):
-    """The build reruns when the source's path changes; a copy at a path named by the content
-    keeps two checkouts of the same code (or DVC's experiment workspaces) from rebuilding."""
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    code = kernels.SOURCE.read_bytes()
-    first = kernels._shared_copy(code, "kernels_abc", "unused")
-    assert first == tmp_path / "sources" / "kernels_abc.cpp"
-    assert first.read_bytes() == code
-    assert kernels._shared_copy(code, "kernels_abc", "unused") == first
-    assert list(first.parent.iterdir()) == [first]  # no partial file left behind
-
-
-def test_fused_batch_norm_computes_torchs_batch_norm():
-    """Without dropout the fused kernel is torch's BatchNorm1d in training mode: outputs,
-    gradients and running statistics equal up to fp32 rounding, against a float64 reference."""
-    norm, x = norm_and_input()
-    grad = torch.randn(x.shape)
-    y, grads, after = run_norm_dropout(norm, x, 0.0, fused=True, grad=grad)
-    ref_y, ref_grads, ref_after = run_norm_dropout(
-        norm.double(), x.double(), 0.0, fused=False, grad=grad.double()
-    )
-    assert torch.allclose(y.double(), ref_y, rtol=1e-5, atol=1e-5)
-    for ours, ref in zip(grads, ref_grads, strict=True):
-        assert torch.allclose(ours.double(), ref, rtol=1e-4, atol=1e-4)
-    for name in ("running_mean", "running_var"):
-        assert torch.allclose(getattr(after, name).double(), getattr(ref_after, name), rtol=1e-5)
-    assert after.num_batches_tracked.item() == 1
-
-
-def test_fused_dropout_drops_at_rate_p_and_scales_the_rest():
-    """Each value is zeroed with probability p, the rest are BatchNorm's output times 1 / (1 - p),
-    and the gradients are those of torch's BatchNorm times the same mask (in float64)."""
-    p = 0.25
-    norm, x = norm_and_input(rows=4000, channels=250)
-    grad = torch.randn(x.shape)
-    y, grads, _ = run_norm_dropout(norm, x, p, fused=True, grad=grad)
-    kept = (y != 0).float()
-    assert abs(1 - kept.mean().item() - p) < 0.003
-    assert (1 - kept.mean(0) - p).abs().max().item() < 0.04  # in every column too
-    reference = copy.deepcopy(norm).double()
-    x_ref = x.double().requires_grad_()
-    y_ref = reference(x_ref) * kept.double() / (1 - p)
-    y_ref.backward(grad.double())
-    assert torch.allclose(y.double(), y_ref.detach(), rtol=1e-5, atol=1e-5)
-    ref_grads = (x_ref.grad, reference.weight.grad, reference.bias.grad)
-    for ours, ref in zip(grads, ref_grads, strict=True):
-        assert torch.allclose(ours.double(), ref, rtol=1e-4, atol=1e-4)
-
-
-def test_fused_dropout_mask_is_fixed_by_torchs_seed():
-    norm, x = norm_and_input()
-    torch.manual_seed(7)
-    first, _, _ = run_norm_dropout(norm, x, 0.5, fused=True)
-    torch.manual_seed(7)
-    again, _, _ = run_norm_dropout(norm, x, 0.5, fused=True)
-    other, _, _ = run_norm_dropout(norm, x, 0.5, fused=True)  # the generator moved on
-    assert torch.equal(first, again)
-    assert not torch.equal(first == 0, other == 0)
-
-
-def test_without_kernels_the_block_uses_torchs_modules(monkeypatch):
-    """Where the kernels cannot be built (no compiler), batch_norm_dropout is torch's
-    BatchNorm1d then the Dropout module: the same values as calling them directly."""
-    norm, x = norm_and_input()
-    monkeypatch.setattr(kernels, "load", lambda: None)
-    torch.manual_seed(3)
-    y = batch_norm_dropout(x, copy.deepcopy(norm), Dropout(0.2))
-    torch.manual_seed(3)
-    assert torch.equal(y, Dropout(0.2)(copy.deepcopy(norm)(x)))
-
-
-
-def token_mlp_and_input(tokens, hidden, out, batch, channels):
-    torch.manual_seed(0)
-    layers = mlp(tokens, hidden, out, "relu", linear=TokenLinear)
-    with torch.no_grad():
-        for layer in (layers[0], layers[2]):
-            layer.bias.uniform_(-0.5, 0.5)
-    return layers, torch.randn(tokens, batch, channels)
-
-
-@pytest.fixture
-def token_kernel_here(monkeypatch):
-    """The token MLP's kernel in use on this CPU even where it is slower than the layers
-    (AVX2): its results are tested on every CPU."""
-    monkeypatch.setattr(kernels, "TOKEN_MLP_ISAS", {torch.backends.cpu.get_cpu_capability()})
-
-
-def token_mlp_grads(layers, x, grad):
-    x = x.clone().requires_grad_()
-    y = layers(x)
-    y.backward(grad)
-    grads = [x.grad] + [p.grad for p in layers.parameters()]
-    layers.zero_grad(set_to_none=True)
-    return y, grads
-
-
-# batch * channels: a multiple of the kernel's 64-column tile, one with a partial last tile,
-# and fewer columns than one tile
-@pytest.mark.usefixtures("token_kernel_here")
-@pytest.mark.parametrize(
-    "shape", [(49, 80, 60, 16, 300), (49, 80, 60, 8, 300), (20, 16, 10, 3, 5)]
-)
-def test_fused_token_mlp_computes_the_layers(shape):
-    """The token MLP's fused kernel (TokenLinear, ReLU, TokenLinear in one pass over column
-    tiles) gives the layers' outputs and all five gradients, against float64 up to fp32
-    rounding."""
-    layers, x = token_mlp_and_input(*shape)
-    grad = torch.randn(shape[2], *x.shape[1:])
-    y, grads = token_mlp_grads(layers, x, grad)
-    assert type(y.grad_fn).__name__ == "_FusedTokenMLPFunctionBackward"
-    assert (y != 0).all()  # the second layer has no ReLU; the first one's is exercised below
-    reference = copy.deepcopy(layers).double()
-    ref_y, ref_grads = token_mlp_grads(reference, x.double(), grad.double())
-    assert type(ref_y.grad_fn).__name__ != "_FusedTokenMLPFunctionBackward"  # float64: layers
-    hidden = reference[0](x.double())
-    assert 0.2 < (hidden <= 0).double().mean() < 0.8
-    assert torch.allclose(y.double(), ref_y, rtol=1e-5, atol=1e-5)
-    for ours, ref in zip(grads, ref_grads, strict=True):
-        assert ours.shape == ref.shape
-        assert torch.allclose(ours.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
-    with torch.no_grad():  # evaluation: the same output, without keeping the hidden layer
-        assert torch.equal(layers(x), y.detach())
-
-
-@pytest.mark.usefixtures("token_kernel_here")
-def test_fused_token_mlp_sums_the_same_with_any_thread_count():
-    """The weight gradients and the BatchNorm's statistics are sums over a fixed number of column
-    chunks: one thread and two give the same bits, for the token MLP and the whole token half."""
-    layers, x = token_mlp_and_input(49, 80, 60, 16, 300)
-    grad = torch.randn(60, *x.shape[1:])
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            results.append(token_mlp_grads(layers, x, grad))
-    finally:
-        torch.set_num_threads(threads)
-    norm, _ = norm_and_input(channels=300)
-    norm_grad = torch.randn(60 * 16, 300)
-    stem, patches = Linear(16, 300), torch.rand(49, 16, 16)
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            results.append(token_half(layers, norm, x, norm_grad, combined=True))
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            results.append(token_half(layers, norm, patches, norm_grad, True, stem=stem))
-    finally:
-        torch.set_num_threads(threads)
-    for (y1, grads1, *_), (y2, grads2, *_) in (results[:2], results[2:4], results[4:]):
-        assert torch.equal(y1, y2)
-        assert all(torch.equal(a, b) for a, b in zip(grads1, grads2, strict=True))
-
-
-def token_half(layers, norm, x, grad, combined, stem=None):
-    """dropout(norm(token MLP(x))), or with a stem of relu(stem(x)) for x the patches: its
-    output, the gradients (the input's, or the stem's) and the norm's running statistics, as one
-    fused function or as the stem, the token MLP, then the norm."""
-    layers, norm, stem = copy.deepcopy(layers), copy.deepcopy(norm), copy.deepcopy(stem)
-    x = x.clone().requires_grad_(stem is None)
-    torch.manual_seed(5)  # the dropout mask's seed
-    if combined:
-        y = token_mixing_norm_dropout(x, layers, norm, Dropout(0.1), stem)
-    else:
-        x_in = x if stem is None else stem(x, relu=True)
-        y = batch_norm_dropout(layers(x_in).flatten(0, 1), norm, Dropout(0.1))
-    assert (type(y.grad_fn).__name__ == "_TokenMixingNormDropoutFunctionBackward") == combined
-    y.backward(grad)
-    first = [x.grad] if stem is None else [stem.weight.grad, stem.bias.grad]
-    grads = [*first, *(p.grad for p in layers.parameters()), norm.weight.grad, norm.bias.grad]
-    return y, grads, (norm.running_mean, norm.running_var)
-
-
-@pytest.mark.usefixtures("token_kernel_here")
-def test_fused_token_half_computes_the_token_mlp_then_norm_and_dropout():
-    """The report block's token half as one function (the token MLP's kernel summing the
-    BatchNorm's statistics, its backward forming the BatchNorm's input gradient tile by tile):
-    the same output, dropout mask, gradients and running statistics as the two fused functions
-    in turn."""
-    layers, x = token_mlp_and_input(49, 80, 60, 8, 300)
-    norm, _ = norm_and_input(channels=300)
-    grad = torch.randn(60 * 8, 300)
-    y, grads, stats = token_half(layers, norm, x, grad, combined=True)
-    ref_y, ref_grads, ref_stats = token_half(layers, norm, x, grad, combined=False)
-    assert torch.equal(y == 0, ref_y == 0)  # the same mask
-    assert 0.05 < (y == 0).double().mean() < 0.15
-    assert torch.allclose(y, ref_y, rtol=1e-5, atol=1e-5)
-    for ours, ref in zip(grads + list(stats), ref_grads + list(ref_stats), strict=True):
-        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max())
-
-
-# (tokens, hidden, out, batch, pixels, channels): the report's shapes (batch x channels a
-# multiple of the kernel's 64-column tile), a partial last tile, and fewer channels than a
-# vector's 16 lanes (each lane's image found on its own)
-@pytest.mark.usefixtures("token_kernel_here")
-@pytest.mark.parametrize(
-    "shape", [(49, 80, 60, 16, 16, 300), (49, 80, 60, 8, 16, 300), (20, 16, 10, 7, 9, 5)]
-)
-def test_token_half_computes_the_stem_inside_the_kernel(shape):
-    """With the patch stem inside the token kernel (relu(stem(patches)) computed tile by tile,
-    never stored), the token half gives the outputs, dropout mask, gradients (the stem's
-    included) and running statistics of the stem, then the token MLP's kernel, then the norm."""
-    tokens, hidden, out, batch, pixels, channels = shape
-    layers, _ = token_mlp_and_input(tokens, hidden, out, batch, channels)
-    stem = Linear(pixels, channels)
-    with torch.no_grad():
-        stem.bias.uniform_(-0.5, 0.5)
-    patches = torch.rand(tokens, batch, pixels)
-    assert 0.2 < (stem(patches) <= 0).double().mean() < 0.8  # the stem's ReLU matters
-    norm, _ = norm_and_input(channels=channels)
-    grad = torch.randn(out * batch, channels)
-    y, grads, stats = token_half(layers, norm, patches, grad, combined=True, stem=stem)
-    ref_y, ref_grads, ref_stats = token_half(layers, norm, patches, grad, False, stem=stem)
-    assert torch.equal(y == 0, ref_y == 0)  # the same mask
-    assert torch.allclose(y, ref_y, rtol=1e-4, atol=1e-4)
-    for ours, ref in zip(grads + list(stats), ref_grads + list(ref_stats), strict=True):
-        assert ours.shape == ref.shape
-        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
-
-
-def classifier_step(model, images, labels):
-    """Logits and every parameter's gradient of one training step's loss, dropout seeded."""
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(11)
-    logits = model(images)
-    nn.functional.cross_entropy(logits, labels).backward()
-    return [logits.detach()] + [p.grad for p in model.parameters()]
-
-
-@pytest.mark.usefixtures("token_kernel_here")
-def test_report_model_computes_its_stem_inside_the_token_kernel(params, monkeypatch):
-    """The report model hands its stem to the first block's token kernel: the same logits and
-    gradients as with the stem run first, up to fp32 rounding."""
-    model = build_model(config(params), seed=0)
-    images, labels = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    inside = classifier_step(model, images, labels)
-    assert model.stem_in_first_block()
-    monkeypatch.setattr(MixerClassifier, "stem_in_first_block", lambda self: False)
-    first = classifier_step(model, images, labels)
-    assert len(inside) == len(first) > 10
-    for ours, ref in zip(inside, first, strict=True):
-        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
-
-
-@pytest.mark.usefixtures("token_kernel_here")
-def test_token_mlp_runs_layer_by_layer_where_the_kernel_does_not_apply(monkeypatch):
-    """Without the kernels, on a CPU where the kernel is slow (outside TOKEN_MLP_ISAS), with a
-    GELU, or with a layer on torch's products, the token MLP is its layers in order, with the
-    same parameters and function."""
-    layers, x = token_mlp_and_input(49, 80, 60, 4, 300)
-    fused = layers(x)
-    assert type(fused.grad_fn).__name__ == "_FusedTokenMLPFunctionBackward"
-    kernels.use = False
-    try:
-        unfused = layers(x)
-    finally:
-        kernels.use = True
-    assert type(unfused.grad_fn).__name__ != "_FusedTokenMLPFunctionBackward"
-    assert torch.allclose(fused, unfused, rtol=1e-5, atol=1e-5)
-    with monkeypatch.context() as slow_here:
-        slow_here.setattr(kernels, "TOKEN_MLP_ISAS", set())
-        assert type(layers(x).grad_fn).__name__ != "_FusedTokenMLPFunctionBackward"
-    gelu = mlp(49, 80, 60, "gelu", linear=TokenLinear)
-    assert "FusedTokenMLP" not in type(gelu(x).grad_fn).__name__
-    layers[2].onednn = False
-    assert "FusedTokenMLP" not in type(layers(x).grad_fn).__name__
 
 
 # ---------------------------------------------------------------- initialisation
@@ -854,22 +467,22 @@ def test_one_training_step(params, optimizer):
         assert torch.isfinite(model(images)).all()
 
 
-# ---------------------------------------------------------------- the residual (pre_norm) Mixer
+# ---------------------------------------------------------------- the residual blocks
 
 
 def mixer_config(params: dict, blocks: int = 3, **preset):
-    """The mixer run with MLP-Mixer's pre_norm block (the preset until the eighth session)."""
+    """The mixer run with MLP-Mixer's block instead of the preset's gMLP block."""
     p = copy.deepcopy(params)
-    p["models"]["mixer"].update(block="pre_norm", token_mlp=[96, 49], channel_mlp=[256, 128])
+    p["models"]["mixer"].update(block="mixer", token_mlp=[96, 49], channel_mlp=[256, 128])
     p["models"]["mixer"].update(preset)
     p["runs"]["mixer"] = dict(p["runs"]["mixer"], blocks=blocks)
     return resolve_run(p, "mixer")
 
 
-def test_pre_norm_mixer_shapes_parameters_and_flops(params):
+def test_mlp_mixer_shapes_parameters_and_flops(params):
     cfg = mixer_config(params)
     model = MixerClassifier(cfg.model)
-    assert [type(b).__name__ for b in model.blocks] == ["PreNormMixerBlock"] * 3
+    assert [type(b).__name__ for b in model.blocks] == ["MixerBlock"] * 3
     block = model.blocks[0]
     assert isinstance(block.token_norm, nn.LayerNorm)
     assert block.token_norm.normalized_shape == (128,)
@@ -886,14 +499,14 @@ def test_pre_norm_mixer_shapes_parameters_and_flops(params):
     assert model(images).shape == (4, 10)
     assert forward_flops(cfg.model) == counted_flops(model, images)
     report = resolve_run(params, "final")
-    assert forward_flops(cfg.model) <= 2 * forward_flops(report.model)  # issue 6's cost cap
+    assert forward_flops(cfg.model) <= 2 * forward_flops(report.model)  # the cost cap
 
 
-def test_pre_norm_block_is_residual_in_both_mixings(params):
+def test_mlp_mixer_block_is_residual_in_both_mixings(params):
     """With both MLPs' output layers zeroed, a block must be the identity."""
     cfg = mixer_config(params, blocks=1)
     block = MixerClassifier(cfg.model).blocks[0].eval()
-    x = torch.randn(49, 2, 128)  # (tokens, batch, channels)
+    x = torch.randn(2, 49, 128)  # (batch, tokens, channels)
     for mixing in (block.token_mixing, block.channel_mixing):
         nn.init.zeros_(mixing[2].weight)
         nn.init.zeros_(mixing[2].bias)
@@ -901,13 +514,13 @@ def test_pre_norm_block_is_residual_in_both_mixings(params):
     nn.init.normal_(block.token_mixing[2].weight)  # token branch only: mixes across patches
     y = block(x)
     x2 = x.clone()
-    x2[0] += torch.linspace(0.0, 1.0, 128)  # change patch 0 only (not by a constant, which
+    x2[:, 0] += torch.linspace(0.0, 1.0, 128)  # change patch 0 only (not by a constant, which
     # the LayerNorm over its channels would remove)
-    assert not torch.allclose(block(x2)[1], y[1])  # patch 1 feels it
+    assert not torch.allclose(block(x2)[:, 1], y[:, 1])  # patch 1 feels it
 
 
-def test_pre_norm_mixer_computes_the_papers_layout(params):
-    """The token-major Mixer equals MLP-Mixer written in (batch, tokens, channels)."""
+def test_mlp_mixer_computes_the_papers_equations(params):
+    """MixerClassifier with MLP-Mixer's blocks, written out with functional ops."""
     cfg = mixer_config(params, blocks=2)
     torch.manual_seed(0)
     model = MixerClassifier(cfg.model).double().eval()
@@ -922,18 +535,18 @@ def test_pre_norm_mixer_computes_the_papers_layout(params):
     assert torch.allclose(model(images), expected, rtol=1e-10, atol=1e-12)
 
 
-def gated_config(params: dict, blocks: int = 3, hidden: int = 416):
+def gmlp_config(params: dict, blocks: int = 3, hidden: int = 416):
     return mixer_config(
-        params, blocks=blocks, block="gated", token_mlp=[49, 49], channel_mlp=[hidden, 128]
+        params, blocks=blocks, block="gmlp", token_mlp=[49, 49], channel_mlp=[hidden, 128]
     )
 
 
-def test_gated_mixer_preset_shapes_parameters_and_flops(params):
-    """The preset's gMLP blocks: hidden 416 costs the pre_norm Mixer's FLOPs."""
+def test_gmlp_preset_shapes_parameters_and_flops(params):
+    """The preset's gMLP blocks: hidden 416 costs MLP-Mixer's FLOPs."""
     cfg = resolve_run(params, "mixer")
-    assert cfg.model == gated_config(params).model
+    assert cfg.model == gmlp_config(params).model
     model = build_model(cfg, seed=0)
-    assert [type(b).__name__ for b in model.blocks] == ["GatedMixerBlock"] * 3
+    assert [type(b).__name__ for b in model.blocks] == ["GMLPBlock"] * 3
     block = model.blocks[0]
     assert linear_shapes(block) == [(128, 416), (49, 49), (208, 128)]
     stem = 16 * 64 + 64 + 64 * 128 + 128
@@ -941,21 +554,21 @@ def test_gated_mixer_preset_shapes_parameters_and_flops(params):
     assert count_parameters(model) == stem + 3 * per_block + 256 + 128 * 10 + 10 == 261_568
     images = torch.rand(4, 1, 28, 28)
     assert forward_flops(cfg.model) == counted_flops(model, images)
-    pre_norm = forward_flops(mixer_config(params).model)
-    assert forward_flops(cfg.model) <= pre_norm <= 1.001 * forward_flops(cfg.model)  # equal cost
+    mixer = forward_flops(mixer_config(params).model)
+    assert forward_flops(cfg.model) <= mixer <= 1.001 * forward_flops(cfg.model)  # equal cost
     report = resolve_run(params, "final")
-    assert forward_flops(cfg.model) <= 2 * forward_flops(report.model)  # issue 6's cost cap
+    assert forward_flops(cfg.model) <= 2 * forward_flops(report.model)  # the cost cap
 
 
-def test_gated_mixer_starts_with_identity_gates_and_computes_gmlp(params):
-    """The gate starts near 1 (gMLP's initialisation), and the token-major block equals gMLP
-    written in (batch, tokens, channels) once its gate weights are not small."""
-    cfg = gated_config(params, blocks=2, hidden=64)
+def test_gmlp_starts_with_identity_gates_and_computes_gmlp(params):
+    """The gate starts near 1 (gMLP's initialisation), and the block equals gMLP written out
+    with functional ops once its gate weights are not small."""
+    cfg = gmlp_config(params, blocks=2, hidden=64)
     model = build_model(cfg, seed=0).double().eval()
     gate = model.blocks[0].gate
     assert torch.equal(gate.token_mixing.bias, torch.ones(49, dtype=torch.float64))
     assert gate.token_mixing.weight.abs().max() <= 1e-3
-    x = torch.randn(49, 3, 64, dtype=torch.float64)
+    x = torch.randn(3, 49, 64, dtype=torch.float64)
     assert torch.allclose(gate(x), x[..., :32], rtol=0.1, atol=0.1)  # value x (1 + small)
     for block in model.blocks:
         nn.init.normal_(block.gate.token_mixing.weight, std=0.3)
@@ -970,37 +583,38 @@ def test_gated_mixer_starts_with_identity_gates_and_computes_gmlp(params):
     x2 = images.clone()
     x2[:, :, :4, :4] += 0.5  # patch 0 only: through the gate, every patch feels it
     first = model.blocks[0]
-    changed, unchanged = (first(model.stem(patchify(i, 4)))[1] for i in (x2, images))
+    changed, unchanged = (first(model.stem(patchify(i, 4)))[:, 1] for i in (x2, images))
     assert not torch.allclose(changed, unchanged)
     nn.functional.cross_entropy(model.train()(images), torch.arange(4)).backward()
     assert all(p.grad.abs().sum() > 0 for p in model.parameters())  # every layer learns
 
 
-def test_gated_block_needs_a_token_by_token_gate_and_an_even_hidden_width(params):
+def test_gmlp_block_needs_a_token_by_token_gate_and_an_even_hidden_width(params):
     with pytest.raises(UserError, match=r"token_mlp\[0\] = \[96, ...\].*use \[49, 49\]"):
-        mixer_config(params, block="gated")
+        mixer_config(params, block="gmlp")
     with pytest.raises(UserError, match="hidden width 415 is odd"):
-        gated_config(params, hidden=415)
+        gmlp_config(params, hidden=415)
 
 
 def test_spatial_shift_moves_four_channel_groups_one_patch_each_way():
     grid, group = 3, 2
-    x = torch.arange(9 * 1 * 10, dtype=torch.float32).view(9, 1, 10)  # (tokens, batch, ch)
-    g, out = x.view(3, 3, 1, 10), spatial_shift(x, grid, group).view(3, 3, 1, 10)
-    centre = out[1, 1, 0]
-    assert torch.equal(centre[0:2], g[0, 1, 0, 0:2])  # from the patch above
-    assert torch.equal(centre[2:4], g[2, 1, 0, 2:4])  # from the patch below
-    assert torch.equal(centre[4:6], g[1, 0, 0, 4:6])  # from the patch to the left
-    assert torch.equal(centre[6:8], g[1, 2, 0, 6:8])  # from the patch to the right
+    x = torch.arange(1 * 9 * 10, dtype=torch.float32).view(1, 9, 10)  # (batch, tokens, ch)
+    g, out = x.view(3, 3, 10), spatial_shift(x, grid, group).view(3, 3, 10)
+    centre = out[1, 1]
+    assert torch.equal(centre[0:2], g[0, 1, 0:2])  # from the patch above
+    assert torch.equal(centre[2:4], g[2, 1, 2:4])  # from the patch below
+    assert torch.equal(centre[4:6], g[1, 0, 4:6])  # from the patch to the left
+    assert torch.equal(centre[6:8], g[1, 2, 6:8])  # from the patch to the right
     assert torch.equal(out[..., 8:], g[..., 8:])  # the rest stay
-    assert (out[0, :, 0, 0:2] == 0).all() and (out[2, :, 0, 2:4] == 0).all()  # image edges
-    assert (out[:, 0, 0, 4:6] == 0).all() and (out[:, 2, 0, 6:8] == 0).all()
+    assert (out[0, :, 0:2] == 0).all() and (out[2, :, 2:4] == 0).all()  # image edges
+    assert (out[:, 0, 4:6] == 0).all() and (out[:, 2, 6:8] == 0).all()
+    assert spatial_shift(x, grid, 0) is x  # no shift: the input itself
 
 
 def test_spatial_shift_lets_channel_mixing_see_the_neighbours(params):
     """Token branch off: without the shift a patch's output depends on that patch only; with
     spatial_shift=0.5 (16 channels each way at C = 128) on its four neighbours too."""
-    x = torch.randn(49, 2, 128)
+    x = torch.randn(2, 49, 128)
     for shift, felt in ((0.0, False), (0.5, True)):
         block = MixerClassifier(mixer_config(params, blocks=1, spatial_shift=shift).model).blocks[0]
         assert block.shift_group == (16 if shift else 0)
@@ -1008,13 +622,13 @@ def test_spatial_shift_lets_channel_mixing_see_the_neighbours(params):
         nn.init.zeros_(block.token_mixing[2].bias)
         block.eval()
         x2 = x.clone()
-        x2[24] += torch.linspace(0.0, 1.0, 128)  # the centre patch of the 7 x 7 grid
-        changed = (block(x2) - block(x)).abs().amax(dim=(1, 2)) > 0
+        x2[:, 24] += torch.linspace(0.0, 1.0, 128)  # the centre patch of the 7 x 7 grid
+        changed = (block(x2) - block(x)).abs().amax(dim=(0, 2)) > 0
         assert changed[[17, 23, 25, 31]].tolist() == [felt] * 4  # above, left, right, below
         assert changed.sum().item() == (5 if felt else 1)
 
 
-def test_pre_norm_without_norm_has_no_layernorm(params):
+def test_mlp_mixer_without_norm_has_no_layernorm(params):
     model = MixerClassifier(mixer_config(params, norm="none").model)
     assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
 
@@ -1024,12 +638,12 @@ def test_drop_path_rates_grow_with_depth_and_act_only_in_training(params):
     model = MixerClassifier(cfg.model)
     assert [b.drop_path.p for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2])
     drop = model.blocks[2].drop_path
-    x = torch.ones(3, 2000, 4)  # (tokens, batch, channels)
+    x = torch.ones(2000, 3, 4)  # (batch, tokens, channels)
     torch.manual_seed(0)
     out = drop.train()(x)
-    per_sample = out[0, :, 0]
+    per_sample = out[:, 0, 0]
     assert per_sample.unique().tolist() == pytest.approx([0.0, 1 / 0.8])
-    assert (out == out[:1, :, :1]).all()  # the whole sample's branch is kept or dropped
+    assert (out == out[:, :1, :1]).all()  # the whole sample's branch is kept or dropped
     assert abs((per_sample == 0).float().mean().item() - 0.2) < 0.03
     assert torch.equal(drop.eval()(x), x)
 
@@ -1103,12 +717,3 @@ def test_mixer_training_step_learns(params, precision):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
     assert losses[-1] < 0.5 * losses[0], losses
 
-
-def test_linear_layers_compile_with_inductor():
-    """Under torch.compile, `Linear` and `TokenLinear` leave the kernels to inductor (which cannot
-    lower the oneDNN call: the benchmark's compiled path failed with it) and compute the same."""
-    torch.manual_seed(0)
-    layers = nn.Sequential(TokenLinear(6, 5), Linear(4, 3))
-    x = torch.randn(6, 2, 4)
-    compiled = torch.compile(layers, backend="inductor")
-    assert torch.allclose(compiled(x), layers(x), rtol=1e-5, atol=1e-6)

@@ -1,10 +1,9 @@
 """The fused CPU kernels of `kernels.cpp`, compiled on first use and cached by torch.
 
-Building needs a C++ compiler and ninja (about 20-45 s once per machine and source version,
-shared by every checkout of that source; the `.so` lands in torch's extension cache,
-`TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions).
-Where that fails, `load()` returns None once with a one-line warning, and the model runs torch's
-own kernels: the same layers, a different dropout random stream (docs/speed.md).
+Building needs a C++ compiler and ninja (once per machine and source version, shared by every
+checkout of that source; the `.so` lands in torch's extension cache, `TORCH_EXTENSIONS_DIR` or
+~/.cache/torch_extensions). Where that fails, `load()` returns None after a one-line warning,
+and training runs the plain model on torch's own kernels.
 """
 
 import functools
@@ -28,25 +27,16 @@ _ISA_FLAGS = {
 }
 
 
-use = True  # False: torch's kernels everywhere (the benchmark's comparison)
-
 # Where the token MLP's kernel beats its layers run in turn: its register blocks (5 x 4 vectors
-# of 16 floats) fit AVX-512's 32 registers but spill from AVX2's 16; on a Zen 3 (AVX2) the
-# project's epoch took 98.6 s with it against 35.6 s without it (docs/speed.md).
-TOKEN_MLP_ISAS = {"AVX512"}
+# of 16 floats) fit AVX-512's 32 vector registers but spill from AVX2's 16.
+TOKEN_KERNEL_ISAS = {"AVX512"}
 
 
-def fused():
-    """The compiled kernels when in use and buildable here, else None."""
-    return load() if use else None
+def token_kernel_is_fast() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in TOKEN_KERNEL_ISAS
 
 
-def fused_token_mlp():
-    """The compiled kernels where the token MLP's kernel is also fast on this CPU, else None."""
-    return fused() if torch.backends.cpu.get_cpu_capability() in TOKEN_MLP_ISAS else None
-
-
-def _shared_copy(code: bytes, name: str, default_root: str) -> Path:
+def shared_source(code: bytes, name: str, default_root: str) -> Path:
     """The source at a path that depends on its content only: the build (ninja) reruns when the
     source's path changes, so every checkout of the same code shares one build this way."""
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or default_root) / "sources"
@@ -75,13 +65,16 @@ def load():
 
         module = cpp_extension.load(
             name=name,
-            sources=[str(_shared_copy(code, name, cpp_extension.get_default_build_root()))],
+            sources=[str(shared_source(code, name, cpp_extension.get_default_build_root()))],
             extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])],
             extra_ldflags=["-fopenmp"],
         )
     except Exception as exc:  # no compiler, no ninja, a failed build: torch's kernels instead
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"warning: fused CPU kernels unavailable ({reason}); using torch's", file=sys.stderr)
+        print(
+            f"warning: fused CPU kernels unavailable ({reason}); training on torch's kernels",
+            file=sys.stderr,
+        )
         return None
     seconds = time.perf_counter() - started
     if seconds > 5:  # a build, not a cached load

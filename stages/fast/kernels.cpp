@@ -1,17 +1,17 @@
-// Fused CPU kernels for the report block: its token MLP, its BatchNorm (training mode)
+// Fused CPU kernels for the notebook block: its token MLP, its BatchNorm (training mode)
 // followed by dropout, and the element-wise work around the Linear layers' products.
 //
 // torch runs BatchNorm, the dropout mask's random bits, the mask and the multiply as separate
 // passes over the (rows x channels) activations, each reading and writing tens of megabytes;
 // here the forward is one pass for the statistics and one for the output and the mask, the
-// backward one pass for the sums and one for the input gradient (docs/speed.md measures both).
+// backward one pass for the sums and one for the input gradient.
 // The token MLP (below) works on column tiles that stay in cache, and takes over the
 // BatchNorm's statistics pass and input-gradient pass, and the patch stem before it.
 //
 // Every sum is taken over a fixed number of row chunks and added in chunk order, in double
 // precision, so results do not depend on the number of threads. The dropout mask of element k
 // (row-major index) keeps it if the top 16 bits of SplitMix64(seed + (k + 1) * golden) are at
-// least `threshold` (p = threshold / 2^16, as stages.model.Dropout rounds it).
+// least `threshold` (p = threshold / 2^16: p rounded to a multiple of 2^-16).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -315,11 +315,11 @@ std::vector<torch::Tensor> relu_grad_row_sums(torch::Tensor grad, torch::Tensor 
   return {g, bias_grad};
 }
 
-// ---- The report block's token MLP, Y = W2 relu(W1 X + b1) + b2 over the token rows ----
+// ---- The notebook block's token MLP, Y = W2 relu(W1 X + b1) + b2 over the token rows ----
 //
-// X is (tokens, columns), columns = batch x channels. oneDNN ran each of its products at
-// 220-280 GFLOP/s against 400-450 on square ones: the outputs (up to 80 x 76800) are written
-// to memory and read back by the next pass. Here the columns go in tiles of kTile: a tile's
+// X is (tokens, columns), columns = batch x channels. Run as separate products, each layer's
+// thin output (up to 80 x 76800) is written to memory and read back by the next pass, which
+// makes them memory-bound. Here the columns go in tiles of kTile: a tile's
 // hidden layer is computed, rectified and used by the second layer while in L1/L2, and the
 // outputs that only later passes read are written with streaming stores. The hidden layer is
 // saved for the backward in tile order ((tiles, hidden, kTile): each tile one contiguous block).

@@ -1,0 +1,86 @@
+"""The CPU fast path: everything in the project that exists only for speed, behind `accelerate`.
+
+`accelerate(model, cfg, device)` returns the module to train and evaluate with, and a line
+saying which path runs. Where `cpu_kernels: auto` and the run is the notebook model in fp32 on
+a CPU, that module is `FastNotebookModel`: the same function over the same parameters, in
+token-major layout on oneDNN's products and the fused kernels of `kernels.cpp` (the token MLP,
+BatchNorm and dropout in one kernel, the patch stem inside the first block's). Everywhere else
+it is the plain model itself. The dropout masks of the two paths come from different random
+streams, so their results agree as two seeds do, not bitwise (docs/speed.md).
+"""
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stages.config import RunConfig
+from stages.fast import kernels
+from stages.fast.functions import ONEDNN_LINEAR
+from stages.fast.notebook import FastNotebookModel
+from stages.model import MixerClassifier
+
+
+@dataclass(frozen=True)
+class Options:
+    """Parts of the fast path that the benchmark turns off to measure what each gives."""
+
+    token_kernel: bool | None = None  # the token MLP as one kernel; None: where the CPU is fast
+    stem_in_kernel: bool = True  # the patch stem computed inside the first token kernel
+    keep_freed_memory: bool = True  # glibc's malloc keeps the memory a step frees
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep the memory a training step frees, for the next step to reuse.
+
+    A step allocates and frees tensors of up to tens of MB; with glibc's default settings that
+    memory goes back to the kernel and returns as fresh pages, thousands of page faults per
+    step. The settings last for the process; nothing changes without glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows)
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's maximum; only larger blocks use mmap
+    mallopt(m_trim_threshold, 2**31 - 1)  # never hand the heap's free top back to the kernel
+
+
+def why_not(cfg: RunConfig, device: torch.device) -> str | None:
+    """Why the fused kernels cannot run this configuration here, or None if they can."""
+    m = cfg.model
+    reasons = [
+        (cfg.cpu_kernels == "off", "cpu_kernels: off"),
+        (device.type != "cpu", f"device {device.type}"),
+        (m.block != "notebook", f"block {m.block}"),
+        (m.norm != "batch", f"norm {m.norm}"),
+        (m.activation != "relu", f"activation {m.activation}"),
+        (cfg.precision != "fp32", f"precision {cfg.precision}"),
+        (ONEDNN_LINEAR is None, "this torch has no oneDNN"),
+    ]
+    return next((reason for applies, reason in reasons if applies), None)
+
+
+def accelerate(
+    model: MixerClassifier, cfg: RunConfig, device: torch.device, options: Options = Options()
+) -> tuple[nn.Module, str]:
+    """The module that computes `model` fastest here, and the path it runs, for the summary."""
+    reason = why_not(cfg, device)
+    if reason is None and kernels.load() is None:
+        reason = "fused kernels unavailable"
+    if cfg.cpu_kernels == "auto" and device.type == "cpu" and options.keep_freed_memory:
+        keep_freed_memory()
+    if reason is not None:
+        return model, f"plain torch ({reason})"
+    token_kernel = kernels.token_kernel_is_fast() if options.token_kernel is None else (
+        options.token_kernel
+    )
+    fast = FastNotebookModel(model, token_kernel, options.stem_in_kernel)
+    parts = ["token MLP kernel" if token_kernel else "token MLP on oneDNN"]
+    if fast.stem_in_kernel:
+        parts.append("stem inside it")
+    return fast, f"fused CPU kernels ({', '.join(parts)})"
+
+
+__all__ = ["Options", "accelerate", "keep_freed_memory"]
