@@ -1,4 +1,6 @@
-"""The report stage on synthetic run folders: tables, spread rule, verdicts, diverged runs."""
+"""The report stage on synthetic run folders: tables, spread rule, verdicts, diverged runs,
+and its plot data for DVC.
+"""
 
 import dataclasses
 import json
@@ -11,6 +13,7 @@ import yaml
 
 from stages.config import resolve_run
 from stages.data import CLASSES, class_key
+from stages.report import CURVES
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -184,3 +187,42 @@ def test_modern_study_goal_and_cost_table(tmp_path, mixer, met):
     cost = report.split("## Cost")[1]
     assert "| final | 2.0 ± 0.0 | fp32 | 87,550 | 14.3 | 2.37 |" in cost  # 3 x 14.3 MFLOP x 55k
     assert "| mixer | 2.0 ± 0.0 | bf16 |" in cost
+
+
+CURVE_FOLDERS = [metric.replace("/", "-") for metric, _ in CURVES]
+
+
+def plot_ids(studies: dict) -> set[str]:
+    return {f"results/plots/{curve}/{study}.json" for curve in CURVE_FOLDERS for study in studies}
+
+
+def test_plot_data_one_series_per_run_by_label_from_epoch_1_mean_over_seeds(tmp_path):
+    stale = tmp_path / "results" / "plots" / "train-loss" / "removed-study.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("[]")
+    results = make_report(
+        tmp_path,
+        {"final": [0.85, 0.87], "blocks-2": [0.80, 0.82], "sgd": [0.70, ("diverged", 3)]},
+        seeds=[0, 1],
+    )
+    studies = yaml.safe_load((tmp_path / "params.yaml").read_text())["studies"]
+    written = {p.relative_to(tmp_path).as_posix() for p in results.rglob("plots/*/*.json")}
+    assert written == plot_ids(studies)  # the stale study's file is gone
+    for curve in CURVE_FOLDERS:
+        for study, members in studies.items():
+            rows = json.loads((results / "plots" / curve / f"{study}.json").read_text())
+            assert all(set(row) == {"epoch", "run", "value"} for row in rows)
+            # SGD's diverged seed stopped after 2 epochs: its curve is as long as the shortest.
+            assert [(row["run"], row["epoch"]) for row in rows] == [
+                (label, epoch)
+                for run, label in members.items()
+                for epoch in ([1, 2] if run == "sgd" else [1, 2, 3])
+            ]
+    rows = json.loads((results / "plots" / "test-accuracy" / "blocks.json").read_text())
+    # fake_run: test accuracy at epoch e is the final one - 0.01 * (3 - e); means 0.86 and 0.81
+    assert {(row["run"], row["epoch"]): round(row["value"], 6) for row in rows} == {
+        ("1 block", 1): 0.84, ("1 block", 2): 0.85, ("1 block", 3): 0.86,
+        ("2 blocks", 1): 0.79, ("2 blocks", 2): 0.80, ("2 blocks", 3): 0.81,
+    }  # fmt: skip
+    loss = json.loads((results / "plots" / "train-loss" / "optimizer.json").read_text())
+    assert [round(row["value"], 6) for row in loss if row["run"] == "Adam"] == [1.0, 0.5, 0.333333]
