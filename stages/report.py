@@ -2,7 +2,9 @@
 
 Reads each `runs/<run>-<seed>/` folder named by params.yaml (runs x seeds), and writes
 `results/metrics.json` (every run's numbers, mean and spread over seeds), `results/report.md`
-(one table per study beside the published values, a verdict per study) and PNG figures.
+(one table per study beside the published values, a verdict per study), PNG figures, and the
+same curves as DVC plot data in `results/plots/<curve>/<study>.json`, one series per run named
+by its study label, so that `dvc.yaml` declares the plots without naming any run.
 
 The rule for calling a difference real is RULE below; the report states it.
 """
@@ -10,6 +12,7 @@ The rule for calling a difference real is RULE below; the report states it.
 import argparse
 import json
 import math
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ import yaml
 from stages import config
 from stages.data import CLASSES, class_key
 from stages.errors import UserError, run_cli
-from stages.files import atomic_write, write_json, write_text
+from stages.files import atomic_write, make_temp_dir, replace_dir, write_json, write_text
 from stages.model import forward_flops
 
 matplotlib.use("Agg")
@@ -231,6 +234,33 @@ def mean_curve(result: RunResult, metric: str) -> list[float]:
     return [statistics.fmean(h[e][metric] for h in histories) for e in range(length)]
 
 
+def plot_rows(members: dict[str, str], results: dict[str, RunResult], metric: str) -> list[dict]:
+    """One study's curve as DVC plot rows: epochs from 1 (as in the figures), runs by label."""
+    return [
+        {"epoch": epoch, "run": label, "value": value}
+        for run, label in members.items()
+        for epoch, value in enumerate(mean_curve(results[run], metric), start=1)
+    ]
+
+
+def write_plot_data(
+    studies: dict[str, dict[str, str]], results: dict[str, RunResult], folder: Path
+) -> None:
+    """`folder/<curve>/<study>.json` for every curve and study, swapped in as a whole folder.
+
+    A study removed from params.yaml then leaves no stale plot behind.
+    """
+    staging = make_temp_dir(folder)
+    try:
+        for metric, _ in CURVES:
+            for study, members in studies.items():
+                path = staging / metric.replace("/", "-") / f"{study}.json"
+                write_json(path, plot_rows(members, results, metric))
+        replace_dir(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def save_png(fig, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
@@ -300,6 +330,7 @@ def main() -> None:
     results = {run: load_run(args.runs, run, seeds) for run in config.run_names(params)}
 
     write_json(args.out / "metrics.json", {run: run_metrics(r) for run, r in results.items()})
+    write_plot_data(studies, results, args.out / "plots")
     figures = args.out / "figures"
     first = next(iter(results.values())).summaries[0]
     lines = [
@@ -377,7 +408,10 @@ def main() -> None:
         "",
     ]
     write_text(args.out / "report.md", "\n".join(lines))
-    print(f"report: {args.out / 'report.md'}, {args.out / 'metrics.json'}, {figures}/")
+    print(
+        f"report: {args.out / 'report.md'}, {args.out / 'metrics.json'}, {figures}/, "
+        f"{args.out / 'plots'}/"
+    )
 
 
 if __name__ == "__main__":

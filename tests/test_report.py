@@ -1,16 +1,21 @@
-"""The report stage on synthetic run folders: tables, spread rule, verdicts, diverged runs."""
+"""The report stage on synthetic run folders: tables, spread rule, verdicts, diverged runs,
+and the plot data that dvc.yaml declares as DVC plots.
+"""
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_helpers import run as run_command
 
 from stages.config import resolve_run
 from stages.data import CLASSES, class_key
+from stages.report import CURVES
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -184,3 +189,99 @@ def test_modern_study_goal_and_cost_table(tmp_path, mixer, met):
     cost = report.split("## Cost")[1]
     assert "| final | 2.0 ± 0.0 | fp32 | 87,550 | 14.3 | 2.37 |" in cost  # 3 x 14.3 MFLOP x 55k
     assert "| mixer | 2.0 ± 0.0 | bf16 |" in cost
+
+
+CURVE_FOLDERS = [metric.replace("/", "-") for metric, _ in CURVES]
+Y_LABELS = {
+    "train-loss": "training loss",
+    "train-accuracy": "training accuracy",
+    "test-accuracy": "test accuracy (eval mode)",
+}
+
+
+def plot_ids(studies: dict) -> set[str]:
+    return {f"results/plots/{curve}/{study}.json" for curve in CURVE_FOLDERS for study in studies}
+
+
+def test_plot_data_one_series_per_run_by_label_from_epoch_1_mean_over_seeds(tmp_path):
+    stale = tmp_path / "results" / "plots" / "train-loss" / "removed-study.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("[]")
+    results = make_report(
+        tmp_path,
+        {"final": [0.85, 0.87], "blocks-2": [0.80, 0.82], "sgd": [0.70, ("diverged", 3)]},
+        seeds=[0, 1],
+    )
+    studies = yaml.safe_load((tmp_path / "params.yaml").read_text())["studies"]
+    written = {p.relative_to(tmp_path).as_posix() for p in results.rglob("plots/*/*.json")}
+    assert written == plot_ids(studies)  # the stale study's file is gone
+    for curve in CURVE_FOLDERS:
+        for study, members in studies.items():
+            rows = json.loads((results / "plots" / curve / f"{study}.json").read_text())
+            assert all(set(row) == {"epoch", "run", "value"} for row in rows)
+            # SGD's diverged seed stopped after 2 epochs: its curve is as long as the shortest.
+            assert [(row["run"], row["epoch"]) for row in rows] == [
+                (label, epoch)
+                for run, label in members.items()
+                for epoch in ([1, 2] if run == "sgd" else [1, 2, 3])
+            ]
+    rows = json.loads((results / "plots" / "test-accuracy" / "blocks.json").read_text())
+    # fake_run: test accuracy at epoch e is the final one - 0.01 * (3 - e); means 0.86 and 0.81
+    assert {(row["run"], row["epoch"]): round(row["value"], 6) for row in rows} == {
+        ("1 block", 1): 0.84, ("1 block", 2): 0.85, ("1 block", 3): 0.86,
+        ("2 blocks", 1): 0.79, ("2 blocks", 2): 0.80, ("2 blocks", 3): 0.81,
+    }  # fmt: skip
+    loss = json.loads((results / "plots" / "train-loss" / "optimizer.json").read_text())
+    assert [round(row["value"], 6) for row in loss if row["run"] == "Adam"] == [1.0, 0.5, 0.333333]
+
+
+def curve_plots(pipeline: dict) -> list[tuple[str, dict]]:
+    """dvc.yaml's top-level plots other than the confusion matrix, as (target, properties)."""
+    entries = [next(iter(entry.items())) for entry in pipeline["plots"]]
+    return [(target, props) for target, props in entries if props.get("template") != "confusion"]
+
+
+def test_dvc_yaml_plots_name_no_run_and_read_the_report_stage_output():
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    report_outs = [next(iter(out)) if isinstance(out, dict) else out
+                   for out in pipeline["stages"]["report"]["outs"]]  # fmt: skip
+    assert "results/plots" in report_outs
+    plots = curve_plots(pipeline)
+    assert [target for target, _ in plots] == [f"results/plots/{c}" for c in CURVE_FOLDERS]
+    text = yaml.safe_dump(plots)
+    assert "runs/" not in text and "${" not in text
+    for target, props in plots:
+        assert props["x"] == "epoch" and isinstance(props["y"], str), target  # no per-file y
+        assert props["y_label"] and props["x_label"] == "epoch", target
+        assert (REPO / ".dvc" / "plots" / f"{props['template']}.json").is_file(), target
+
+
+def test_dvc_plots_diff_names_each_line_by_run_label_and_revision(tmp_path):
+    """End to end with DVC on synthetic runs: no training, a few seconds."""
+    make_report(tmp_path, {"final": [0.9], "blocks-2": [0.8], "sgd": [0.7]}, seeds=[0])
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    run_command(tmp_path, "git", "init", "-q")
+    run_command(tmp_path, "dvc", "init", "-q")
+    run_command(tmp_path, "dvc", "config", "core.analytics", "false")
+    shutil.copytree(REPO / ".dvc" / "plots", tmp_path / ".dvc" / "plots")
+    run_command(tmp_path, "git", "add", "-A")
+    run_command(tmp_path, "git", "commit", "-qm", "report")
+    shown = json.loads(run_command(tmp_path, "dvc", "plots", "diff", "HEAD", "--json").stdout)
+    assert "errors" not in shown, shown["errors"]
+    studies = yaml.safe_load((tmp_path / "params.yaml").read_text())["studies"]
+    curves = {name: plot for name, (plot,) in shown["data"].items() if name.startswith("results/")}
+    assert set(curves) == plot_ids(studies)
+    for name, plot in curves.items():
+        study = Path(name).stem
+        spec = plot["content"]
+        rows = spec["data"]["values"]
+        assert {(row["run"], row["rev"]) for row in rows} == {
+            (label, rev) for label in studies[study].values() for rev in ("HEAD", "workspace")
+        }, name
+        assert {row["epoch"] for row in rows} == {1, 2, 3}, name
+        calculated = {t["as"]: t["calculate"] for t in spec.get("transform", []) if "as" in t}
+        legend = calculated.get(spec["encoding"]["color"]["field"], "")
+        assert "datum.run" in legend and "datum.rev" in legend, spec["encoding"]["color"]
+        assert spec["encoding"]["x"]["field"] == "epoch"
+        assert spec["encoding"]["x"]["title"] == "epoch"
+        assert spec["encoding"]["y"]["title"] == Y_LABELS[Path(name).parent.name]
