@@ -23,7 +23,7 @@ import yaml
 
 from stages import fetch as fetch_module
 from stages.errors import UserError
-from stages.fetch import fetch
+from stages.fetch import fetch, read_sources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -252,6 +252,7 @@ def test_no_good_source_lists_every_reason_and_leaves_nothing(bad_folders, serve
     for source, reason in sources.items():
         assert reason in error_line(message, source)
     assert "apt-get install dataset-fashion-mnist" in message
+    assert "FASHION_MNIST_DIR" in message
     assert "add a folder" in message
     assert "download URL" in message
     assert not out.exists()
@@ -262,6 +263,39 @@ def test_empty_source_list_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"fetch\.sources is empty"):
         fetch([], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_folder_named_by_environment_variable(shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASHION_MNIST_TEST_DIR", str(copy_gz(shared_data, tmp_path / "mine")))
+    out = tmp_path / "out"
+    assert fetch(["$FASHION_MNIST_TEST_DIR", "/nonexistent/fm"], out) == "$FASHION_MNIST_TEST_DIR"
+    assert_fetched(out)
+
+    monkeypatch.setenv("FASHION_MNIST_TEST_ROOT", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for source in ("${FASHION_MNIST_TEST_ROOT}/mine", "~/mine"):
+        assert fetch([source], tmp_path / "again") == source
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_unset_environment_variable_is_skipped_with_its_name(
+    value, shared_data, tmp_path, monkeypatch
+):
+    if value is None:
+        monkeypatch.delenv("FASHION_MNIST_TEST_DIR", raising=False)
+    else:
+        monkeypatch.setenv("FASHION_MNIST_TEST_DIR", value)
+    # an empty value must not make the source the working folder, here one with the files
+    monkeypatch.chdir(copy_gz(shared_data, tmp_path / "cwd"))
+    source = "$FASHION_MNIST_TEST_DIR"
+    with pytest.raises(UserError) as info:
+        fetch([source], tmp_path / "alone")
+    line = error_line(str(info.value), source)
+    assert line.endswith("environment variable FASHION_MNIST_TEST_DIR is unset or empty")
+
+    out = tmp_path / "out"
+    assert fetch([source, str(shared_data)], out) == str(shared_data)
+    assert_fetched(out)
 
 
 # --- existing output --------------------------------------------------------------------------
@@ -363,6 +397,18 @@ def test_command_uses_first_good_source_and_records_it(shared_data, tmp_path):
     assert record["files_md5"] == UNPACKED_MD5
     assert_fetched(tmp_path / "data" / "fashion-mnist")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["fashion-mnist", "fetch.json"]
+
+
+def test_command_with_the_repo_sources_takes_fashion_mnist_dir_first(
+    shared_data, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(copy_gz(shared_data, tmp_path / "mine")))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_stage(work, {"fetch": {"sources": read_sources(REPO / "params.yaml")}})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((work / "data" / "fetch.json").read_text())["source"] == "$FASHION_MNIST_DIR"
+    assert_fetched(work / "data" / "fashion-mnist")
 
 
 def test_command_without_good_source_exits_2(bad_folders, tmp_path):
