@@ -106,10 +106,12 @@ def fashion_mnist_folder(sources: list[str], cache: Path, out: Path) -> tuple[st
     try:
         return first_good_source(sources, take)
     except NoGoodSource as exc:
-        tried = "; ".join(f"{source}: {reason}" for source, reason in exc.failures)
-        message = (
-            f"no Fashion-MNIST for the tests (tried {tried or 'no source'}). Provide it: "
-            "`sudo apt-get install dataset-fashion-mnist`, or set FASHION_MNIST_DIR to a folder "
-            f"holding the four .gz files, or allow the download (kept in {cache})."
-        )
-        pytest.fail(message.replace("\n", " "), pytrace=False)
+        failures = exc.failures
+    # failed outside the except block: pytest would print NoGoodSource above the line as well
+    tried = "; ".join(f"{source}: {reason}" for source, reason in failures)
+    message = (
+        f"no Fashion-MNIST for the tests (tried {tried or 'no source'}). Provide it: "
+        "`sudo apt-get install dataset-fashion-mnist`, or set FASHION_MNIST_DIR to a folder "
+        f"holding the four .gz files, or allow the download (kept in {cache})."
+    )
+    pytest.fail(message.replace("\n", " "), pytrace=False)

@@ -512,6 +512,7 @@ def test_fixture_without_a_source_fails_in_one_line(fashion_mnist, serve, tmp_pa
     cache = tmp_path / "cache"
     with pytest.raises(pytest.fail.Exception) as info:
         fashion_mnist_folder(list(sources), cache, tmp_path / "out")
+    assert info.value.__context__ is None  # else pytest prints that exception too
     message = str(info.value)
     assert "\n" not in message
     tried = message[message.index("(tried ") + len("(tried ") : message.index("). Provide it:")]
