@@ -1,19 +1,24 @@
 """DVC stage `fetch`: put verified Fashion-MNIST files where torchvision reads them.
 
 Sources are tried in the order of `fetch.sources` in params.yaml: local folders (such as the one
-Debian's `dataset-fashion-mnist` installs) and HTTP(S) base URLs. A source is used only if all
-four files decompress to the expected MD5s; otherwise the next one is tried. The files are
-assembled in a temporary folder and moved into place only when all four are verified.
+Debian's `dataset-fashion-mnist` installs, or `$FASHION_MNIST_DIR`: `$VARS` and `~` are expanded)
+and HTTP(S) base URLs. A source is used only if all four files decompress to the expected MD5s;
+otherwise the next one is tried. The files are assembled in a temporary folder and moved into
+place only when all four are verified.
 """
 
 import argparse
 import gzip
 import http.client
 import io
+import os
+import re
 import shutil
 import urllib.request
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm import tqdm
 
@@ -23,14 +28,37 @@ from stages.errors import UserError, run_cli
 from stages.files import make_temp_dir, replace_dir, write_json
 
 DOWNLOAD_TIMEOUT_S = 60
+VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")  # $NAME or ${NAME}, as os.path.expandvars reads
+
+T = TypeVar("T")
 
 
 class SourceError(Exception):
     """One source could not supply one file; the next source is tried."""
 
 
+class NoGoodSource(Exception):
+    """Every source failed; `failures` holds (source, reason) for each, in order."""
+
+    def __init__(self, failures: list[tuple[str, str]]):
+        super().__init__(f"{len(failures)} sources failed")
+        self.failures = failures
+
+
 def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
+
+
+def local_folder(source: str) -> Path:
+    """The folder a folder source names, `$VARS` and `~` expanded; unset variables fail it.
+
+    Checked first, because os.path.expandvars leaves an unset `$NAME` in place, which would then
+    be looked up as a folder literally named `$NAME`.
+    """
+    unset = [a or b for a, b in VARIABLE.findall(source) if not os.environ.get(a or b)]
+    if unset:
+        raise SourceError(f"environment variable {unset[0]} is unset or empty")
+    return Path(os.path.expandvars(source)).expanduser()
 
 
 def _decompress(name: str, blob: bytes) -> bytes:
@@ -40,21 +68,20 @@ def _decompress(name: str, blob: bytes) -> bytes:
         raise SourceError(f"{name}.gz is not a complete gzip file ({exc})") from exc
 
 
-def _read_local(folder: Path, name: str) -> bytes:
+def _read_local(folder: Path, name: str) -> tuple[str, bytes]:
     try:
-        if (folder / f"{name}.gz").is_file():
-            return _decompress(name, (folder / f"{name}.gz").read_bytes())
-        if (folder / name).is_file():
-            return (folder / name).read_bytes()
+        for file_name in (f"{name}.gz", name):
+            if (folder / file_name).is_file():
+                return file_name, (folder / file_name).read_bytes()
     except OSError as exc:  # unreadable file: permissions, I/O error
         raise SourceError(f"{name}: cannot read it in {folder} ({exc})") from exc
     raise SourceError(f"{name}.gz is missing in {folder}")
 
 
-def _download(base_url: str, name: str) -> bytes:
+def _download(base_url: str, name: str, timeout_s: float) -> bytes:
     url = base_url.rstrip("/") + f"/{name}.gz"
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             buffer = io.BytesIO()
             with tqdm(
@@ -67,13 +94,23 @@ def _download(base_url: str, name: str) -> bytes:
     # URL in params (InvalidURL) or a cut chunked transfer (IncompleteRead)
     except (OSError, http.client.HTTPException) as exc:
         raise SourceError(f"download of {url} failed ({exc})") from exc
-    return _decompress(name, buffer.getvalue())
+    return buffer.getvalue()
 
 
-def _read(source: str, name: str) -> bytes:
-    data = (
-        _download(source, name) if is_url(source) else _read_local(Path(source).expanduser(), name)
-    )
+def read_stored(source: str, name: str, timeout_s: float | None = None) -> tuple[str, bytes]:
+    """One file as the source stores it: its file name (`<name>.gz` or `<name>`) and bytes.
+
+    `timeout_s` bounds each network wait of a download (default DOWNLOAD_TIMEOUT_S).
+    """
+    if is_url(source):
+        timeout = DOWNLOAD_TIMEOUT_S if timeout_s is None else timeout_s
+        return f"{name}.gz", _download(source, name, timeout)
+    return _read_local(local_folder(source), name)
+
+
+def verified(name: str, file_name: str, blob: bytes) -> bytes:
+    """The decompressed bytes of a stored file, refused unless their MD5 is the expected one."""
+    data = _decompress(name, blob) if file_name.endswith(".gz") else blob
     actual = md5_hex(data)
     if actual != RAW_MD5[name]:
         raise SourceError(
@@ -82,30 +119,52 @@ def _read(source: str, name: str) -> bytes:
     return data
 
 
-def fetch(sources: list[str], out: Path) -> str:
-    """Fill `out` from the first source that has all four verified files; return that source."""
+def first_good_source(sources: list[str], take: Callable[[str], T]) -> tuple[str, T]:
+    """Call `take` on each source in order; return the first that raises no SourceError, with
+    what `take` returned. Raises NoGoodSource with every source's reason otherwise."""
     failures = []
     for source in sources:
+        try:
+            return source, take(source)
+        except SourceError as exc:
+            failures.append((source, str(exc)))
+    raise NoGoodSource(failures)
+
+
+def fetch(sources: list[str], out: Path) -> str:
+    """Fill `out` from the first source that has all four verified files; return that source."""
+
+    def fill(source: str) -> None:
         staging = make_temp_dir(out)
         try:
             raw = raw_folder(staging)
             raw.mkdir(parents=True)
             for name in RAW_MD5:
-                (raw / name).write_bytes(_read(source, name))
+                (raw / name).write_bytes(verified(name, *read_stored(source, name)))
             replace_dir(staging, out)
-            return source
-        except SourceError as exc:
-            failures.append(f"  - {source}: {exc}")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    tried = "\n".join(failures) if failures else "  (fetch.sources is empty)"
-    raise UserError(
-        "no source has verified Fashion-MNIST files. Tried:\n"
-        f"{tried}\n"
-        "Fix: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or add a folder "
-        "holding the four files to fetch.sources in params.yaml, or keep the download URL "
-        "there on a machine with internet access."
-    )
+
+    try:
+        return first_good_source(sources, fill)[0]
+    except NoGoodSource as exc:
+        tried = "\n".join(f"  - {source}: {reason}" for source, reason in exc.failures)
+        raise UserError(
+            "no source has verified Fashion-MNIST files. Tried:\n"
+            f"{tried or '  (fetch.sources is empty)'}\n"
+            "Fix: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or set "
+            "FASHION_MNIST_DIR to a folder holding the four files, or add a folder holding them "
+            "to fetch.sources in params.yaml, or keep the download URL there on a machine with "
+            "internet access."
+        ) from None
+
+
+def read_sources(params_path: Path) -> list[str]:
+    """`fetch.sources` of a params file, checked to be a list of folders or URLs."""
+    sources = (load_params(params_path).get("fetch") or {}).get("sources")
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise UserError(f"fetch.sources in {params_path} must be a list of folders or URLs")
+    return sources
 
 
 def main() -> None:
@@ -118,13 +177,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    if args.source:
-        sources = args.source
-    else:
-        params = load_params(args.params)
-        sources = (params.get("fetch") or {}).get("sources")
-    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
-        raise UserError(f"fetch.sources in {args.params} must be a list of folders or URLs")
+    sources = args.source or read_sources(args.params)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     source = fetch(sources, args.out)
     write_json(args.record, {"source": source, "files_md5": RAW_MD5})

@@ -1,13 +1,12 @@
 from pathlib import Path
 
 import pytest
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist"
+from data_sources import CACHE, fashion_mnist_folder, sources_for_tests
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The four original Fashion-MNIST files, from ../shared beside the checkout (as in CI)."""
-    if not (SHARED_DATA / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"the test data is missing: expected {SHARED_DATA} (../shared beside the repo)")
-    return SHARED_DATA
+def fashion_mnist(tmp_path_factory) -> Path:
+    """A folder of upstream's four Fashion-MNIST .gz files, from the first source that has them:
+    the fetch stage's (FASHION_MNIST_DIR, Debian's folder, the download), then CI's ../shared."""
+    out = tmp_path_factory.mktemp("fashion-mnist")
+    return fashion_mnist_folder(sources_for_tests(), CACHE, out)[1]

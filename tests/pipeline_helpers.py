@@ -66,7 +66,7 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def make_project(folder: Path, shared_data: Path, **params) -> Path:
+def make_project(folder: Path, fashion_mnist: Path, **params) -> Path:
     """A copy of the tracked project files with tiny params, as a fresh git + DVC repo."""
     project = folder / "project"
     files = subprocess.run(
@@ -78,7 +78,7 @@ def make_project(folder: Path, shared_data: Path, **params) -> Path:
             shutil.copy2(REPO / name, project / name)
     values = yaml.safe_load((project / "params.yaml").read_text())
     values.update(TINY, **params)
-    values["fetch"]["sources"] = [str(shared_data)]
+    values["fetch"]["sources"] = [str(fashion_mnist)]
     (project / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     run(project, "git", "init", "-q")
     run(project, "git", "add", "-A")

@@ -29,8 +29,8 @@ ONE_RUN = {
 
 
 @pytest.fixture
-def project(tmp_path, shared_data) -> Path:
-    return make_project(tmp_path, shared_data, **ONE_RUN)
+def project(tmp_path, fashion_mnist) -> Path:
+    return make_project(tmp_path, fashion_mnist, **ONE_RUN)
 
 
 def default_sigint() -> None:
@@ -96,10 +96,10 @@ def test_a_flipped_byte_in_the_data_is_refused_then_restored_by_fetch(project):
     assert md5_hex(victim.read_bytes()) == RAW_MD5["t10k-labels-idx1-ubyte"]
 
 
-def test_a_diverging_run_is_recorded_and_the_grid_completes(tmp_path, shared_data):
+def test_a_diverging_run_is_recorded_and_the_grid_completes(tmp_path, fashion_mnist):
     project = make_project(
         tmp_path,
-        shared_data,
+        fashion_mnist,
         epochs=2,
         runs={"final": {}, "sgd": {"optimizer": "sgd", "lr": 1.0e6}},
         studies={"optimizer": {"final": "Adam", "sgd": "SGD"}},

@@ -1,7 +1,8 @@
 """The `fetch` stage, for real: local folders, a local HTTP server, and the command line.
 
-Every source is built from the real files in ../shared (see `shared_data` in conftest.py). The
-expected MD5s below come from that folder's PROVENANCE.md, not from the code under test.
+Every source is built from upstream's real files (the `fashion_mnist` fixture, conftest.py). The
+expected MD5s below are the published ones (PROVENANCE.md of ../shared/data/fashion-mnist), not
+taken from the code under test.
 """
 
 import functools
@@ -15,15 +16,18 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import data_sources
 import pytest
 import yaml
+from data_sources import UPSTREAM_GZ_MD5, fashion_mnist_folder, sources_for_tests
 
 from stages import fetch as fetch_module
 from stages.errors import UserError
-from stages.fetch import fetch
+from stages.fetch import fetch, read_sources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,27 +91,27 @@ def error_line(message: str, source: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def bad_folders(tmp_path_factory, shared_data) -> dict:
-    """Debian-style, corrupt, truncated and incomplete copies of the shared files, built once."""
+def bad_folders(tmp_path_factory, fashion_mnist) -> dict:
+    """Debian-style, corrupt, truncated and incomplete copies of the original files, built once."""
     root = tmp_path_factory.mktemp("sources")
 
     debian = root / "debian"
     debian.mkdir()
     for name in NAMES:
-        blob = debian_header((shared_data / f"{name}.gz").read_bytes())
+        blob = debian_header((fashion_mnist / f"{name}.gz").read_bytes())
         assert md5(blob) == DEBIAN_GZ_MD5[name]  # byte for byte what Debian ships
         (debian / f"{name}.gz").write_bytes(blob)
 
-    corrupt = copy_gz(shared_data, root / "corrupt", skip=(CORRUPT,))
-    data = bytearray(gzip.decompress((shared_data / f"{CORRUPT}.gz").read_bytes()))
+    corrupt = copy_gz(fashion_mnist, root / "corrupt", skip=(CORRUPT,))
+    data = bytearray(gzip.decompress((fashion_mnist / f"{CORRUPT}.gz").read_bytes()))
     data[-1] ^= 0x01  # one label changed
     (corrupt / f"{CORRUPT}.gz").write_bytes(gzip.compress(bytes(data), mtime=0))
 
-    truncated = copy_gz(shared_data, root / "truncated", skip=(TRUNCATED,))
-    blob = (shared_data / f"{TRUNCATED}.gz").read_bytes()
+    truncated = copy_gz(fashion_mnist, root / "truncated", skip=(TRUNCATED,))
+    blob = (fashion_mnist / f"{TRUNCATED}.gz").read_bytes()
     (truncated / f"{TRUNCATED}.gz").write_bytes(blob[: len(blob) // 2])
 
-    missing = copy_gz(shared_data, root / "missing", skip=(MISSING,))
+    missing = copy_gz(fashion_mnist, root / "missing", skip=(MISSING,))
 
     return {
         "debian": debian,
@@ -157,11 +161,11 @@ def refused_url() -> str:
 # --- local folders ----------------------------------------------------------------------------
 
 
-def test_upstream_folder_gives_files_that_torchvision_loads(shared_data, tmp_path):
+def test_upstream_folder_gives_files_that_torchvision_loads(fashion_mnist, tmp_path):
     from torchvision.datasets import FashionMNIST
 
     out = tmp_path / "fashion-mnist"
-    assert fetch(["/nonexistent/fashion-mnist", str(shared_data)], out) == str(shared_data)
+    assert fetch(["/nonexistent/fashion-mnist", str(fashion_mnist)], out) == str(fashion_mnist)
     assert_fetched(out)
     only_out_in_parent(out)
 
@@ -173,18 +177,18 @@ def test_upstream_folder_gives_files_that_torchvision_loads(shared_data, tmp_pat
     assert train.targets[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
 
 
-def test_debian_gzip_headers_are_accepted(bad_folders, shared_data, tmp_path):
+def test_debian_gzip_headers_are_accepted(bad_folders, fashion_mnist, tmp_path):
     debian = bad_folders["debian"]
     for name in NAMES:  # the .gz bytes differ from upstream; only the header does
-        assert (debian / f"{name}.gz").read_bytes() != (shared_data / f"{name}.gz").read_bytes()
+        assert (debian / f"{name}.gz").read_bytes() != (fashion_mnist / f"{name}.gz").read_bytes()
     out = tmp_path / "out"
     assert fetch([str(debian)], out) == str(debian)
     assert_fetched(out)
 
 
-def test_uncompressed_files_are_accepted(shared_data, tmp_path):
+def test_uncompressed_files_are_accepted(fashion_mnist, tmp_path):
     first = tmp_path / "first"
-    fetch([str(shared_data)], first)
+    fetch([str(fashion_mnist)], first)
     raw = first / "FashionMNIST" / "raw"  # torchvision's layout: no .gz files
     out = tmp_path / "second"
     assert fetch([str(raw)], out) == str(raw)
@@ -203,14 +207,14 @@ def test_corrupt_file_names_file_and_both_md5s(bad_folders, tmp_path):
     assert not out.exists()
 
 
-def test_corrupt_source_is_skipped_for_the_next(bad_folders, shared_data, tmp_path):
+def test_corrupt_source_is_skipped_for_the_next(bad_folders, fashion_mnist, tmp_path):
     out = tmp_path / "out"
-    assert fetch([str(bad_folders["corrupt"]), str(shared_data)], out) == str(shared_data)
+    assert fetch([str(bad_folders["corrupt"]), str(fashion_mnist)], out) == str(fashion_mnist)
     assert_fetched(out)  # the corrupt labels did not slip through
     only_out_in_parent(out)
 
 
-def test_truncated_gz_names_file_and_next_source_is_used(bad_folders, shared_data, tmp_path):
+def test_truncated_gz_names_file_and_next_source_is_used(bad_folders, fashion_mnist, tmp_path):
     truncated = str(bad_folders["truncated"])
     with pytest.raises(UserError) as info:
         fetch([truncated], tmp_path / "alone")
@@ -219,7 +223,7 @@ def test_truncated_gz_names_file_and_next_source_is_used(bad_folders, shared_dat
     assert "gzip" in line
 
     out = tmp_path / "out"
-    assert fetch([truncated, str(shared_data)], out) == str(shared_data)
+    assert fetch([truncated, str(fashion_mnist)], out) == str(fashion_mnist)
     assert_fetched(out)
 
 
@@ -252,6 +256,7 @@ def test_no_good_source_lists_every_reason_and_leaves_nothing(bad_folders, serve
     for source, reason in sources.items():
         assert reason in error_line(message, source)
     assert "apt-get install dataset-fashion-mnist" in message
+    assert "FASHION_MNIST_DIR" in message
     assert "add a folder" in message
     assert "download URL" in message
     assert not out.exists()
@@ -264,17 +269,50 @@ def test_empty_source_list_is_a_user_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_folder_named_by_environment_variable(fashion_mnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASHION_MNIST_TEST_DIR", str(copy_gz(fashion_mnist, tmp_path / "mine")))
+    out = tmp_path / "out"
+    assert fetch(["$FASHION_MNIST_TEST_DIR", "/nonexistent/fm"], out) == "$FASHION_MNIST_TEST_DIR"
+    assert_fetched(out)
+
+    monkeypatch.setenv("FASHION_MNIST_TEST_ROOT", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for source in ("${FASHION_MNIST_TEST_ROOT}/mine", "~/mine"):
+        assert fetch([source], tmp_path / "again") == source
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_unset_environment_variable_is_skipped_with_its_name(
+    value, fashion_mnist, tmp_path, monkeypatch
+):
+    if value is None:
+        monkeypatch.delenv("FASHION_MNIST_TEST_DIR", raising=False)
+    else:
+        monkeypatch.setenv("FASHION_MNIST_TEST_DIR", value)
+    # an empty value must not make the source the working folder, here one with the files
+    monkeypatch.chdir(copy_gz(fashion_mnist, tmp_path / "cwd"))
+    source = "$FASHION_MNIST_TEST_DIR"
+    with pytest.raises(UserError) as info:
+        fetch([source], tmp_path / "alone")
+    line = error_line(str(info.value), source)
+    assert line.endswith("environment variable FASHION_MNIST_TEST_DIR is unset or empty")
+
+    out = tmp_path / "out"
+    assert fetch([source, str(fashion_mnist)], out) == str(fashion_mnist)
+    assert_fetched(out)
+
+
 # --- existing output --------------------------------------------------------------------------
 
 
-def test_refetch_replaces_existing_output(shared_data, tmp_path):
+def test_refetch_replaces_existing_output(fashion_mnist, tmp_path):
     out = tmp_path / "out"
     (out / "FashionMNIST" / "raw").mkdir(parents=True)
     (out / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"old and wrong")
     (out / "FashionMNIST" / "raw" / "stale.txt").write_text("stale")
     (out / "junk.txt").write_text("junk")
 
-    assert fetch([str(shared_data)], out) == str(shared_data)
+    assert fetch([str(fashion_mnist)], out) == str(fashion_mnist)
     assert_fetched(out)  # exactly the four verified files: old content is gone
     only_out_in_parent(out)
 
@@ -292,8 +330,8 @@ def test_failed_fetch_keeps_existing_output(bad_folders, tmp_path):
 # --- HTTP -------------------------------------------------------------------------------------
 
 
-def test_download_from_http_server(shared_data, serve, tmp_path):
-    url = serve(copy_gz(shared_data, tmp_path / "www"))
+def test_download_from_http_server(fashion_mnist, serve, tmp_path):
+    url = serve(copy_gz(fashion_mnist, tmp_path / "www"))
     out = tmp_path / "dest" / "out"
     assert fetch([url], out) == url
     assert_fetched(out)
@@ -301,7 +339,7 @@ def test_download_from_http_server(shared_data, serve, tmp_path):
 
 
 def test_corrupt_download_fails_with_md5_then_local_source_is_used(
-    bad_folders, shared_data, serve, tmp_path
+    bad_folders, fashion_mnist, serve, tmp_path
 ):
     url = serve(bad_folders["corrupt"])
     with pytest.raises(UserError) as info:
@@ -312,7 +350,7 @@ def test_corrupt_download_fails_with_md5_then_local_source_is_used(
     assert bad_folders["corrupt_md5"] in line
 
     out = tmp_path / "out"
-    assert fetch([url, str(shared_data)], out) == str(shared_data)
+    assert fetch([url, str(fashion_mnist)], out) == str(fashion_mnist)
     assert_fetched(out)
 
 
@@ -327,13 +365,13 @@ def test_http_404_is_a_clean_failure(serve, tmp_path):
     assert "404" in line
 
 
-def test_malformed_url_falls_through_to_next_source(shared_data, serve, tmp_path):
+def test_malformed_url_falls_through_to_next_source(fashion_mnist, serve, tmp_path):
     bad = "http://127.0.0.1:notaport/"  # a typo in params.yaml (http.client.InvalidURL)
     with pytest.raises(UserError) as info:
         fetch([bad], tmp_path / "alone")
     assert "failed" in error_line(str(info.value), bad)
     out = tmp_path / "out"
-    assert fetch([bad, str(shared_data)], out) == str(shared_data)
+    assert fetch([bad, str(fashion_mnist)], out) == str(fashion_mnist)
     assert_fetched(out)
 
 
@@ -355,14 +393,26 @@ def run_stage(cwd: Path, params: dict) -> subprocess.CompletedProcess:
     )
 
 
-def test_command_uses_first_good_source_and_records_it(shared_data, tmp_path):
-    proc = run_stage(tmp_path, {"fetch": {"sources": ["/nonexistent/fm", str(shared_data)]}})
+def test_command_uses_first_good_source_and_records_it(fashion_mnist, tmp_path):
+    proc = run_stage(tmp_path, {"fetch": {"sources": ["/nonexistent/fm", str(fashion_mnist)]}})
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "data" / "fetch.json").read_text())
-    assert record["source"] == str(shared_data)
+    assert record["source"] == str(fashion_mnist)
     assert record["files_md5"] == UNPACKED_MD5
     assert_fetched(tmp_path / "data" / "fashion-mnist")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["fashion-mnist", "fetch.json"]
+
+
+def test_command_with_the_repo_sources_takes_fashion_mnist_dir_first(
+    fashion_mnist, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(copy_gz(fashion_mnist, tmp_path / "mine")))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_stage(work, {"fetch": {"sources": read_sources(REPO / "params.yaml")}})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((work / "data" / "fetch.json").read_text())["source"] == "$FASHION_MNIST_DIR"
+    assert_fetched(work / "data" / "fashion-mnist")
 
 
 def test_command_without_good_source_exits_2(bad_folders, tmp_path):
@@ -378,10 +428,112 @@ def test_command_without_good_source_exits_2(bad_folders, tmp_path):
     assert list((tmp_path / "data").iterdir()) == []
 
 
-def test_command_rejects_sources_that_are_not_a_list(shared_data, tmp_path):
-    proc = run_stage(tmp_path, {"fetch": {"sources": str(shared_data)}})
+def test_command_rejects_sources_that_are_not_a_list(fashion_mnist, tmp_path):
+    proc = run_stage(tmp_path, {"fetch": {"sources": str(fashion_mnist)}})
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:")
     assert "fetch.sources" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data" / "fashion-mnist").exists()
+
+
+# --- the tests' own data: the `fashion_mnist` fixture's sources (tests/data_sources.py) --------
+
+
+def assert_upstream_gz(folder: Path) -> None:
+    for name in NAMES:
+        assert md5((folder / f"{name}.gz").read_bytes()) == UPSTREAM_GZ_MD5[name], name
+
+
+def test_fixture_tries_the_fetch_sources_then_shared():
+    assert sources_for_tests() == read_sources(REPO / "params.yaml") + [
+        str(REPO.parent / "shared" / "data" / "fashion-mnist")
+    ]
+    assert sources_for_tests()[0] == "$FASHION_MNIST_DIR"
+
+
+def test_fixture_takes_the_first_source_that_works(
+    bad_folders, fashion_mnist, serve, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("FASHION_MNIST_TEST_DIR", raising=False)
+    url = serve(copy_gz(fashion_mnist, tmp_path / "www"))
+    debian = str(bad_folders["debian"])
+    sources = ["$FASHION_MNIST_TEST_DIR", str(bad_folders["corrupt"]), debian, url]
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    assert fashion_mnist_folder(sources, cache, out) == (debian, out)
+    assert_upstream_gz(out)  # Debian's files, given back upstream's gzip header
+    assert not cache.exists()  # the later URL was not downloaded
+
+    mine = copy_gz(fashion_mnist, tmp_path / "mine", skip=(MISSING,))
+    monkeypatch.setenv("FASHION_MNIST_TEST_DIR", str(mine))
+    with pytest.raises(pytest.fail.Exception, match=f"{MISSING}.gz is missing in {mine}"):
+        fashion_mnist_folder(sources[:1], cache, out)
+    shutil.copyfile(fashion_mnist / f"{MISSING}.gz", mine / f"{MISSING}.gz")
+    assert fashion_mnist_folder(sources, cache, tmp_path / "out2")[0] == "$FASHION_MNIST_TEST_DIR"
+
+
+def test_fixture_downloads_once_into_its_cache(fashion_mnist, serve, tmp_path):
+    www = copy_gz(fashion_mnist, tmp_path / "www")
+    sources = ["/nonexistent/fm", serve(www)]
+    cache = tmp_path / "cache" / "fashion-mnist"
+    assert fashion_mnist_folder(sources, cache, tmp_path / "out") == (sources[1], cache)
+    assert_upstream_gz(cache)
+    only_out_in_parent(cache)
+
+    (www / f"{CORRUPT}.gz").unlink()  # the server has lost a file: the cache is enough
+    assert fashion_mnist_folder(sources, cache, tmp_path / "out") == (sources[1], cache)
+
+    (cache / f"{CORRUPT}.gz").write_bytes(b"damaged")  # a bad cache is downloaded again ...
+    with pytest.raises(pytest.fail.Exception, match="404"):  # ... here from a server without it
+        fashion_mnist_folder(sources, cache, tmp_path / "out")
+    shutil.copyfile(fashion_mnist / f"{CORRUPT}.gz", www / f"{CORRUPT}.gz")
+    assert fashion_mnist_folder(sources, cache, tmp_path / "out") == (sources[1], cache)
+    assert_upstream_gz(cache)
+    only_out_in_parent(cache)
+
+
+def test_fixture_without_a_source_fails_in_one_line(fashion_mnist, serve, tmp_path, monkeypatch):
+    monkeypatch.delenv("FASHION_MNIST_TEST_DIR", raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # the right data, compressed anew: not upstream's bytes, which the tests need (zlib happens
+    # to reproduce upstream's stream of the t10k labels, not of the train labels)
+    labels = "train-labels-idx1-ubyte"
+    recompressed = copy_gz(fashion_mnist, tmp_path / "recompressed", skip=(labels,))
+    data = gzip.decompress((fashion_mnist / f"{labels}.gz").read_bytes())
+    (recompressed / f"{labels}.gz").write_bytes(gzip.compress(data, mtime=0))
+    sources = {
+        "$FASHION_MNIST_TEST_DIR": "environment variable FASHION_MNIST_TEST_DIR is unset or empty",
+        str(empty): f"train-images-idx3-ubyte.gz is missing in {empty}",
+        str(recompressed): f"{labels}.gz: the data is right but not compressed as upstream's",
+        serve(empty): "404",
+        refused_url(): "failed",
+    }
+    cache = tmp_path / "cache"
+    with pytest.raises(pytest.fail.Exception) as info:
+        fashion_mnist_folder(list(sources), cache, tmp_path / "out")
+    assert info.value.__context__ is None  # else pytest prints that exception too
+    message = str(info.value)
+    assert "\n" not in message
+    tried = message[message.index("(tried ") + len("(tried ") : message.index("). Provide it:")]
+    for part, (source, reason) in zip(tried.split("; "), sources.items(), strict=True):
+        assert part.startswith(f"{source}: ")
+        assert reason in part
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "set FASHION_MNIST_DIR to a folder holding the four .gz files" in message
+    assert f"allow the download (kept in {cache})" in message
+    assert not cache.exists()
+
+
+def test_fixture_download_gives_up_after_its_short_timeout(tmp_path, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setattr(data_sources, "TEST_DOWNLOAD_TIMEOUT_S", 0.5)
+    with socket.socket() as silent:  # accepts connections (backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/"
+        start = time.monotonic()
+        with pytest.raises(pytest.fail.Exception, match="timed out"):
+            fashion_mnist_folder([url], tmp_path / "cache", tmp_path / "out")
+    assert time.monotonic() - start < 5

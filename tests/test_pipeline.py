@@ -28,9 +28,9 @@ def experiments(project: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory, shared_data) -> tuple[Path, str]:
+def reproduced(tmp_path_factory, fashion_mnist) -> tuple[Path, str]:
     """The tiny project after its first `dvc repro` (committed), and that command's output."""
-    project = make_project(tmp_path_factory.mktemp("pipeline"), shared_data)
+    project = make_project(tmp_path_factory.mktemp("pipeline"), fashion_mnist)
     first = run(project, "dvc", "repro")
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "repro")

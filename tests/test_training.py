@@ -23,9 +23,9 @@ TINY = {"epochs": 3, "batch_size": 64, "train_limit": 1500, "val_size": 300, "te
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, shared_data) -> Path:
+def data_dir(tmp_path_factory, fashion_mnist) -> Path:
     out = tmp_path_factory.mktemp("data") / "fashion-mnist"
-    fetch([str(shared_data)], out)
+    fetch([str(fashion_mnist)], out)
     return out
 
 
