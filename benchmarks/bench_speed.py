@@ -10,8 +10,10 @@
   (c1) (c) with the token MLP layer by layer on oneDNN (what (c) runs on an AVX2 CPU);
   (c2) (c) with the stem run before the token kernel instead of inside it;
   (c3) (c) with glibc's default malloc settings;
-  with --bf16, (e) (b) under bf16 autocast (the fast path is fp32 only), and with --compile,
-  (d) (b) under torch.compile.
+  (m)  the modern Mixer (run `mixer`: gMLP blocks, bf16 autocast, batch 64) on the plain model;
+  (m1) (m) through `accelerate`: the same model in token-major layout;
+  with --bf16, (e) (b) under bf16 autocast (the notebook's fast path is fp32 only), and with
+  --compile, (d) (b) under torch.compile.
 
 Timing: every path warms up (`--warmup` steps), then `--rounds` rounds of `--steps` optimizer
 steps, the paths taking turns in each round, so that a slow spell of a shared machine falls on
@@ -49,12 +51,13 @@ from stages.training import allow_tf32, build_model, fit, make_optimizer, train_
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 60_000
-ORDER = ["(a)", "(b)", "(c)", "(c1)", "(c2)", "(c3)", "(d)", "(e)"]
+ORDER = ["(a)", "(b)", "(c)", "(c1)", "(c2)", "(c3)", "(d)", "(e)", "(m)", "(m1)"]
 GAINS = [  # what each part of the fast path gives: (slower row, faster row)
     ("the fast path as a whole, malloc aside", "(c3)", "(b)"),
     ("the token MLP as one kernel", "(c)", "(c1)"),
     ("the stem inside the token kernel", "(c)", "(c2)"),
     ("malloc keeping freed memory", "(c)", "(c3)"),
+    ("the token-major gMLP", "(m1)", "(m)"),
 ]
 
 
@@ -175,8 +178,8 @@ def main() -> None:
         f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
     )
     print(
-        f"{args.rounds} rounds of {args.steps} timed steps of batch {cfg.batch_size} per path, "
-        f"the paths taking turns; an epoch is {EPOCH_IMAGES / cfg.batch_size:.1f} steps"
+        f"{args.rounds} rounds of {args.steps} timed steps per path (batch 256; the modern "
+        "Mixer's 64), the paths taking turns; seconds per epoch of 60,000 images"
     )
     spawn = multiprocessing.get_context("spawn")  # a fresh process: glibc's malloc defaults
     other, child_end = spawn.Pipe()
@@ -210,6 +213,14 @@ def main() -> None:
     if args.bf16:
         bf16 = replace(cfg, precision="bf16")
         paths["(e) (b) with bf16 autocast"] = project_loop(bf16, train, device, args.warmup)
+    mixer = resolve_run(params, "mixer")
+    batch = {name.split()[0]: cfg.batch_size for name in ORDER}
+    if device.type == "cpu":
+        batch["(m)"] = batch["(m1)"] = mixer.batch_size
+        paths["(m) modern Mixer, plain model"] = project_loop(mixer, train, device, args.warmup)
+        paths["(m1) (m) through accelerate"] = project_loop(
+            mixer, train, device, args.warmup, Options()
+        )
 
     seconds = {}
     for _ in range(args.rounds):
@@ -222,8 +233,8 @@ def main() -> None:
     child.join()
 
     per_epoch = {
-        name.split()[0]: [s / args.steps * EPOCH_IMAGES / cfg.batch_size for s in rounds]
-        for name, rounds in seconds.items()
+        key: [s / args.steps * EPOCH_IMAGES / batch[key] for s in rounds]
+        for key, rounds in ((name.split()[0], rounds) for name, rounds in seconds.items())
     }
     median = {key: statistics.median(values) for key, values in per_epoch.items()}
     for name in sorted(seconds, key=lambda name: ORDER.index(name.split()[0])):

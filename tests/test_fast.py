@@ -6,6 +6,7 @@ every CPU, also where `accelerate` would not pick it (AVX2).
 """
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from stages.fast.functions import (
     token_linear,
 )
 from stages.model import MixerClassifier, mlp
-from stages.training import build_model
+from stages.training import autocast, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -403,15 +404,23 @@ def test_state_dicts_are_interchangeable_between_the_paths(params):
     [
         ("final", {"cpu_kernels": "off"}, "cpu_kernels: off"),
         ("final", {"precision": "bf16"}, "precision bf16"),
-        ("mixer", {}, "block gmlp"),
+        ("mixer", {"cpu_kernels": "off"}, "cpu_kernels: off"),
     ],
 )
 def test_the_plain_model_runs_where_the_fast_path_does_not_apply(params, run, change, reason):
-    cfg = resolve_run({**params, **change}, run) if run == "final" else resolve_run(params, run)
+    cfg = resolve_run({**params, **change}, run)
     model = build_model(cfg, seed=0)
     net, path = accelerate(model, cfg, CPU)
     assert net is model
     assert path == f"plain torch ({reason})"
+
+
+def test_mlp_mixer_blocks_run_the_plain_model(params):
+    p = copy.deepcopy(params)
+    p["models"]["mixer"].update(block="mixer", token_mlp=[96, 49], channel_mlp=[256, 128])
+    cfg = resolve_run(p, "mixer")
+    model = build_model(cfg, seed=0)
+    assert accelerate(model, cfg, CPU) == (model, "plain torch (block mixer)")
 
 
 @pytest.mark.parametrize(
@@ -423,6 +432,33 @@ def test_gelu_or_no_norm_runs_the_plain_model(params, preset, reason):
     assert accelerate(model, cfg, CPU) == (model, f"plain torch ({reason})")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_token_major_gmlp_computes_the_plain_gmlp(params, precision):
+    """The modern Mixer's preset (gMLP blocks, stochastic depth on) through `accelerate`: the
+    same logits and (in fp32) gradients as the plain model, its drop-path masks the same
+    draws."""
+    cfg = dataclasses.replace(resolve_run(params, "mixer"), precision=precision)
+    model = build_model(cfg, seed=0)
+    for block in model.blocks:  # gates away from the identity, so token mixing matters
+        nn.init.normal_(block.gate.token_mixing.weight, std=0.2)
+    fast, path = accelerate(model, cfg, CPU)
+    assert path == "token-major gMLP"
+    reference = copy.deepcopy(model)
+    images, labels = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    results = []
+    for net, owner in ((fast, model), (reference, reference)):
+        torch.manual_seed(9)
+        with autocast(cfg, CPU):
+            results.append(step(net, owner, images, labels))
+    if precision == "bf16":  # rounded at other points: the logits agree to bf16's precision,
+        # gradients that are small sums of cancelling terms (norm biases) only roughly
+        results = [r[:1] for r in results]
+    tolerance = 1e-5 if precision == "fp32" else 2e-2  # relative, of the whole tensor
+    for a, b in zip(*results, strict=True):
+        assert (a.float() - b.float()).norm() <= tolerance * b.float().norm()
+    assert model.blocks[2].drop_path.p > 0  # the masks were drawn, and alike
+
+
 def test_without_a_compiler_training_warns_once_and_runs_torchs_kernels(tmp_path, params):
     """The real fallback: no usable C++ compiler and an empty extension cache. Building fails,
     one warning line names it, and the run trains the plain model."""
@@ -430,7 +466,7 @@ def test_without_a_compiler_training_warns_once_and_runs_torchs_kernels(tmp_path
         "import torch, yaml\n"
         "from stages.config import resolve_run\n"
         "from stages.fast import accelerate\n"
-        "from stages.training import build_model\n"
+        "from stages.training import autocast, build_model\n"
         "cfg = resolve_run(yaml.safe_load(open('params.yaml')), 'final')\n"
         "model = build_model(cfg, seed=0)\n"
         "net, path = accelerate(model, cfg, torch.device('cpu'))\n"

@@ -221,12 +221,13 @@ def test_speed_benchmark_times_every_path(data_dir):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if " s/epoch (" in line]
-    assert [row.split()[0] for row in rows] == ["(a)", "(b)", "(c)", "(c1)", "(c2)", "(c3)", "(e)"]
+    names = ["(a)", "(b)", "(c)", "(c1)", "(c2)", "(c3)", "(e)", "(m)", "(m1)"]
+    assert [row.split()[0] for row in rows] == names
     assert all(re.search(r"\d+\.\d\dx vs \(a\)$", row) for row in rows), rows
     assert "(c) runs: fused CPU kernels" in proc.stdout
     gains = re.findall(r"^gain of .*: (\d+\.\d\d)x \((\S+) / (\S+)\)$", proc.stdout, re.M)
     assert [(slow, fast) for _, slow, fast in gains] == [
-        ("(b)", "(c3)"), ("(c1)", "(c)"), ("(c2)", "(c)"), ("(c3)", "(c)")
+        ("(b)", "(c3)"), ("(c1)", "(c)"), ("(c2)", "(c)"), ("(c3)", "(c)"), ("(m)", "(m1)")
     ]
 
 

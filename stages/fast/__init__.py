@@ -1,12 +1,13 @@
 """The CPU fast path: everything in the project that exists only for speed, behind `accelerate`.
 
 `accelerate(model, cfg, device)` returns the module to train and evaluate with, and a line
-saying which path runs. Where `cpu_kernels: auto` and the run is the notebook model in fp32 on
-a CPU, that module is `FastNotebookModel`: the same function over the same parameters, in
-token-major layout on oneDNN's products and the fused kernels of `kernels.cpp` (the token MLP,
-BatchNorm and dropout in one kernel, the patch stem inside the first block's). Everywhere else
-it is the plain model itself. The dropout masks of the two paths come from different random
-streams, so their results agree as two seeds do, not bitwise (docs/speed.md).
+saying which path runs. With `cpu_kernels: auto` on a CPU, for the notebook model in fp32 that
+module is `FastNotebookModel`: the same function over the same parameters, in token-major
+layout on oneDNN's products and the fused kernels of `kernels.cpp` (the token MLP, BatchNorm and
+dropout in one kernel, the patch stem inside the first block's); for the gMLP model it is
+`FastGMLPModel`, the same function in token-major layout. Everywhere else it is the plain model
+itself. The notebook model's two paths draw their dropout masks from different random streams,
+so their results agree as two seeds do, not bitwise (docs/speed.md).
 """
 
 import ctypes
@@ -18,6 +19,7 @@ from torch import nn
 from stages.config import RunConfig
 from stages.fast import kernels
 from stages.fast.functions import ONEDNN_LINEAR
+from stages.fast.gmlp import FastGMLPModel
 from stages.fast.notebook import FastNotebookModel
 from stages.model import MixerClassifier
 
@@ -48,31 +50,38 @@ def keep_freed_memory() -> None:
 
 
 def why_not(cfg: RunConfig, device: torch.device) -> str | None:
-    """Why the fused kernels cannot run this configuration here, or None if they can."""
+    """Why no fast path applies to this configuration here, or None if one does. The
+    token-major gMLP needs nothing more than a CPU; the notebook model needs the kernels."""
     m = cfg.model
-    reasons = [
-        (cfg.cpu_kernels == "off", "cpu_kernels: off"),
-        (device.type != "cpu", f"device {device.type}"),
-        (m.block != "notebook", f"block {m.block}"),
-        (m.norm != "batch", f"norm {m.norm}"),
-        (m.activation != "relu", f"activation {m.activation}"),
-        (cfg.precision != "fp32", f"precision {cfg.precision}"),
-        (ONEDNN_LINEAR is None, "this torch has no oneDNN"),
-    ]
-    return next((reason for applies, reason in reasons if applies), None)
+    if cfg.cpu_kernels == "off":
+        return "cpu_kernels: off"
+    if device.type != "cpu":
+        return f"device {device.type}"
+    if m.block == "gmlp":
+        return None
+    reasons = {
+        "block mixer": m.block == "mixer",
+        f"norm {m.norm}": m.norm != "batch",
+        f"activation {m.activation}": m.activation != "relu",
+        f"precision {cfg.precision}": cfg.precision != "fp32",
+        "this torch has no oneDNN": ONEDNN_LINEAR is None,
+    }
+    reason = next((reason for reason, applies in reasons.items() if applies), None)
+    if reason is None and kernels.load() is None:
+        return "fused kernels unavailable"
+    return reason
 
 
 def accelerate(
     model: MixerClassifier, cfg: RunConfig, device: torch.device, options: Options = Options()
 ) -> tuple[nn.Module, str]:
     """The module that computes `model` fastest here, and the path it runs, for the summary."""
-    reason = why_not(cfg, device)
-    if reason is None and kernels.load() is None:
-        reason = "fused kernels unavailable"
     if cfg.cpu_kernels == "auto" and device.type == "cpu" and options.keep_freed_memory:
         keep_freed_memory()
-    if reason is not None:
+    if (reason := why_not(cfg, device)) is not None:
         return model, f"plain torch ({reason})"
+    if cfg.model.block == "gmlp":
+        return FastGMLPModel(model), "token-major gMLP"
     token_kernel = kernels.token_kernel_is_fast() if options.token_kernel is None else (
         options.token_kernel
     )
