@@ -6,10 +6,9 @@
        sync) on the plain model: `cpu_kernels: off`;
   (c)  the project's path: (b) through `stages.fast.accelerate` (`cpu_kernels: auto`): the
        fused CPU kernels, the token MLP as one kernel where the CPU is fast at it, the stem
-       inside it, freed memory kept by malloc;
+       inside it;
   (c1) (c) with the token MLP layer by layer on oneDNN (what (c) runs on an AVX2 CPU);
   (c2) (c) with the stem run before the token kernel instead of inside it;
-  (c3) (c) with glibc's default malloc settings;
   (m)  the modern Mixer (run `mixer`: gMLP blocks, bf16 autocast, batch 64) on the plain model;
   (m1) (m) through `accelerate`: the same model in token-major layout;
   with --bf16, (e) (b) under bf16 autocast (the notebook's fast path is fp32 only), and with
@@ -18,9 +17,8 @@
 Timing: every path warms up (`--warmup` steps), then `--rounds` rounds of `--steps` optimizer
 steps, the paths taking turns in each round, so that a slow spell of a shared machine falls on
 all of them; each row shows the median round (and the range), extrapolated to an epoch of
-60,000 images. (a), (b) and (c3) run in a second process, where glibc's malloc keeps its
-default settings (`keep_freed_memory` holds for a whole process). The last lines give each part
-of the fast path's gain as a ratio of two rows of this one run.
+60,000 images. The last lines give each part of the fast path's gain as a ratio of two rows of
+this one run.
 
     python benchmarks/bench_speed.py                       # CPU
     python benchmarks/bench_speed.py --device cuda --grid  # GPU: + every run of params.yaml
@@ -30,7 +28,6 @@ Needs torch, torchvision and pyyaml (and a C++ compiler for the fused kernels).
 
 import argparse
 import itertools
-import multiprocessing
 import os
 import platform
 import statistics
@@ -46,17 +43,16 @@ from torchvision import datasets, transforms
 
 from stages.config import resolve_run
 from stages.data import load_dataset
-from stages.fast import Options, accelerate, keep_freed_memory
+from stages.fast import Options, accelerate
 from stages.training import allow_tf32, build_model, fit, make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 60_000
-ORDER = ["(a)", "(b)", "(c)", "(c1)", "(c2)", "(c3)", "(d)", "(e)", "(m)", "(m1)"]
-GAINS = [  # what each part of the fast path gives: (slower row, faster row)
-    ("the fast path as a whole, malloc aside", "(c3)", "(b)"),
+ORDER = ["(a)", "(b)", "(c)", "(c1)", "(c2)", "(d)", "(e)", "(m)", "(m1)"]
+GAINS = [  # what each part of the fast path gives: (faster row, slower row)
+    ("the fast path as a whole", "(c)", "(b)"),
     ("the token MLP as one kernel", "(c)", "(c1)"),
     ("the stem inside the token kernel", "(c)", "(c2)"),
-    ("malloc keeping freed memory", "(c)", "(c3)"),
     ("the token-major gMLP", "(m1)", "(m)"),
 ]
 
@@ -138,25 +134,6 @@ def final_run(data_dir: Path, device: torch.device):
     return params, resolve_run(params, "final"), load_dataset(data_dir, val_size=5000, split_seed=0)
 
 
-def default_malloc_process(conn, data_dir: Path, device_name: str, warmup: int) -> None:
-    """(a), (b) and (c3) in a process where glibc's malloc keeps its defaults: each time the
-    parent sends a number of steps, time one round of them and send the seconds back."""
-    device = torch.device(device_name)
-    _, cfg, data = final_run(data_dir, device)
-    train = data.train.to(device)
-    paths = {
-        "(a) seed-style DataLoader loop": seed_style(cfg, data_dir, device, warmup),
-        "(b) plain model (cpu_kernels: off)": project_loop(cfg, train, device, warmup),
-    }
-    if device.type == "cpu":
-        paths["(c3) (c) with glibc's default malloc"] = project_loop(
-            cfg, train, device, warmup, Options(keep_freed_memory=False)
-        )
-    conn.send("ready")
-    while (steps := conn.recv()) is not None:
-        conn.send({name: time_steps(steps) for name, time_steps in paths.items()})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / "data" / "fashion-mnist")
@@ -181,31 +158,21 @@ def main() -> None:
         f"{args.rounds} rounds of {args.steps} timed steps per path (batch 256; the modern "
         "Mixer's 64), the paths taking turns; seconds per epoch of 60,000 images"
     )
-    spawn = multiprocessing.get_context("spawn")  # a fresh process: glibc's malloc defaults
-    other, child_end = spawn.Pipe()
-    child = spawn.Process(
-        target=default_malloc_process, args=(child_end, args.data, args.device, args.warmup)
-    )
-    child.start()
-    child_end.close()  # so that a failed child ends `recv` with EOFError instead of a hang
-    try:
-        other.recv()  # its paths are built and warmed up
-    except EOFError:
-        raise SystemExit("bench_speed: the second process failed (its error is above)") from None
-    keep_freed_memory()  # as `accelerate` does for (c), in this process only
-
     started = time.perf_counter()
     path = accelerate(build_model(cfg, seed=0).to(device), cfg, device)[1]
     print(f"(c) runs: {path} (ready in {time.perf_counter() - started:.1f} s)")
-    paths = {}
+    paths = {
+        "(a) seed-style DataLoader loop": seed_style(cfg, args.data, device, args.warmup),
+        "(b) plain model (cpu_kernels: off)": project_loop(cfg, train, device, args.warmup),
+    }
     if device.type == "cpu":
-        paths = {
+        fast = {
             "(c) project path (cpu_kernels: auto)": Options(),
             "(c1) (c) with the token MLP by layers": Options(token_kernel=False),
             "(c2) (c) with the stem before the kernel": Options(stem_in_kernel=False),
         }
-        paths = {name: project_loop(cfg, train, device, args.warmup, options)
-                 for name, options in paths.items()}  # fmt: skip
+        paths |= {name: project_loop(cfg, train, device, args.warmup, options)
+                  for name, options in fast.items()}  # fmt: skip
     if args.compile:
         paths["(d) (b) under torch.compile"] = project_loop(
             cfg, train, device, args.warmup, compiled=True
@@ -222,15 +189,10 @@ def main() -> None:
             mixer, train, device, args.warmup, Options()
         )
 
-    seconds = {}
+    seconds = {name: [] for name in paths}
     for _ in range(args.rounds):
-        other.send(args.steps)
-        for name, elapsed in [*other.recv().items()] + [
-            (name, time_steps(args.steps)) for name, time_steps in paths.items()
-        ]:
-            seconds.setdefault(name, []).append(elapsed)
-    other.send(None)
-    child.join()
+        for name, time_steps in paths.items():
+            seconds[name].append(time_steps(args.steps))
 
     per_epoch = {
         key: [s / args.steps * EPOCH_IMAGES / batch[key] for s in rounds]

@@ -10,7 +10,6 @@ itself. The notebook model's two paths draw their dropout masks from different r
 so their results agree as two seeds do, not bitwise (docs/speed.md).
 """
 
-import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -30,23 +29,6 @@ class Options:
 
     token_kernel: bool | None = None  # the token MLP as one kernel; None: where the CPU is fast
     stem_in_kernel: bool = True  # the patch stem computed inside the first token kernel
-    keep_freed_memory: bool = True  # glibc's malloc keeps the memory a step frees
-
-
-def keep_freed_memory() -> None:
-    """Let glibc's malloc keep the memory a training step frees, for the next step to reuse.
-
-    A step allocates and frees tensors of up to tens of MB; with glibc's default settings that
-    memory goes back to the kernel and returns as fresh pages, thousands of page faults per
-    step. The settings last for the process; nothing changes without glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows)
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's maximum; only larger blocks use mmap
-    mallopt(m_trim_threshold, 2**31 - 1)  # never hand the heap's free top back to the kernel
 
 
 def why_not(cfg: RunConfig, device: torch.device) -> str | None:
@@ -76,8 +58,6 @@ def accelerate(
     model: MixerClassifier, cfg: RunConfig, device: torch.device, options: Options = Options()
 ) -> tuple[nn.Module, str]:
     """The module that computes `model` fastest here, and the path it runs, for the summary."""
-    if cfg.cpu_kernels == "auto" and device.type == "cpu" and options.keep_freed_memory:
-        keep_freed_memory()
     if (reason := why_not(cfg, device)) is not None:
         return model, f"plain torch ({reason})"
     if cfg.model.block == "gmlp":
@@ -92,4 +72,4 @@ def accelerate(
     return fast, f"fused CPU kernels ({', '.join(parts)})"
 
 
-__all__ = ["Options", "accelerate", "keep_freed_memory"]
+__all__ = ["Options", "accelerate"]
