@@ -35,7 +35,7 @@ def raw_folder(root: Path) -> Path:
 
 
 def verify_raw(root: Path) -> None:
-    """Refuse a data folder whose files are missing or altered (about 0.1 s for all four)."""
+    """Refuse a data folder whose files are missing or altered."""
     folder = raw_folder(root)
     if not folder.is_dir():
         raise UserError(f"data folder {folder} does not exist: run `dvc repro fetch` first")

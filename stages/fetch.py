@@ -148,10 +148,10 @@ def fetch(sources: list[str], out: Path) -> str:
     try:
         return first_good_source(sources, fill)[0]
     except NoGoodSource as exc:
-        tried = "\n".join(f"  - {source}: {reason}" for source, reason in exc.failures)
+        tried = "; ".join(f"{source}: {reason}" for source, reason in exc.failures)
         raise UserError(
-            "no source has verified Fashion-MNIST files. Tried:\n"
-            f"{tried or '  (fetch.sources is empty)'}\n"
+            "no source has verified Fashion-MNIST files "
+            f"(tried {tried or 'none: fetch.sources is empty'}). "
             "Fix: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or set "
             "FASHION_MNIST_DIR to a folder holding the four files, or add a folder holding them "
             "to fetch.sources in params.yaml, or keep the download URL there on a machine with "

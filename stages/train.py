@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ def main() -> None:
     )
     device = pick_device()
     label = f"{args.config.stem}-{args.seed}"
+    started = datetime.now(UTC)
     model, summary = fit(
         cfg,
         data,
@@ -59,6 +61,8 @@ def main() -> None:
         "val_images": len(data.val),
         "test_images": len(data.test),
         **summary,
+        # when this process trained (after a resume: its part), in UTC
+        "trained": [started.isoformat(), datetime.now(UTC).isoformat()],
         "config": cfg.to_dict(),
     }
     state = {"config": cfg.to_dict(), "state_dict": model.state_dict()}

@@ -62,6 +62,15 @@ def run(
     return proc
 
 
+def one_error_line(output: str, prefix: str = "error:") -> str:
+    """The one line of `output` starting with `prefix`, asserting that there is exactly one and
+    no traceback anywhere."""
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith(prefix)]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
 def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 

@@ -83,11 +83,13 @@ def only_out_in_parent(out: Path) -> None:
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
 
 
-def error_line(message: str, source: str) -> str:
-    """The line of fetch's UserError that reports `source`."""
-    lines = [line for line in message.splitlines() if line.startswith(f"  - {source}: ")]
-    assert len(lines) == 1, f"{source} is not reported once in:\n{message}"
-    return lines[0]
+def reason_for(message: str, source: str) -> str:
+    """What fetch's one-line UserError reports for `source`: "<source>: <reason>"."""
+    assert "\n" not in message, message
+    tried = message.split("(tried ", 1)[1].rsplit("). Fix:", 1)[0]
+    reasons = [part for part in tried.split("; ") if part.startswith(f"{source}: ")]
+    assert len(reasons) == 1, f"{source} is not reported once in:\n{message}"
+    return reasons[0]
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +202,7 @@ def test_corrupt_file_names_file_and_both_md5s(bad_folders, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UserError) as info:
         fetch([corrupt], out)
-    line = error_line(str(info.value), corrupt)
+    line = reason_for(str(info.value), corrupt)
     assert CORRUPT in line
     assert UNPACKED_MD5[CORRUPT] in line
     assert bad_folders["corrupt_md5"] in line
@@ -218,7 +220,7 @@ def test_truncated_gz_names_file_and_next_source_is_used(bad_folders, fashion_mn
     truncated = str(bad_folders["truncated"])
     with pytest.raises(UserError) as info:
         fetch([truncated], tmp_path / "alone")
-    line = error_line(str(info.value), truncated)
+    line = reason_for(str(info.value), truncated)
     assert f"{TRUNCATED}.gz" in line
     assert "gzip" in line
 
@@ -231,7 +233,7 @@ def test_missing_file_is_named(bad_folders, tmp_path):
     missing = str(bad_folders["missing"])
     with pytest.raises(UserError) as info:
         fetch([missing], tmp_path / "out")
-    line = error_line(str(info.value), missing)
+    line = reason_for(str(info.value), missing)
     assert f"{MISSING}.gz is missing" in line
 
 
@@ -254,7 +256,7 @@ def test_no_good_source_lists_every_reason_and_leaves_nothing(bad_folders, serve
         fetch(list(sources), out)
     message = str(info.value)
     for source, reason in sources.items():
-        assert reason in error_line(message, source)
+        assert reason in reason_for(message, source)
     assert "apt-get install dataset-fashion-mnist" in message
     assert "FASHION_MNIST_DIR" in message
     assert "add a folder" in message
@@ -294,7 +296,7 @@ def test_unset_environment_variable_is_skipped_with_its_name(
     source = "$FASHION_MNIST_TEST_DIR"
     with pytest.raises(UserError) as info:
         fetch([source], tmp_path / "alone")
-    line = error_line(str(info.value), source)
+    line = reason_for(str(info.value), source)
     assert line.endswith("environment variable FASHION_MNIST_TEST_DIR is unset or empty")
 
     out = tmp_path / "out"
@@ -344,7 +346,7 @@ def test_corrupt_download_fails_with_md5_then_local_source_is_used(
     url = serve(bad_folders["corrupt"])
     with pytest.raises(UserError) as info:
         fetch([url], tmp_path / "alone")
-    line = error_line(str(info.value), url)
+    line = reason_for(str(info.value), url)
     assert CORRUPT in line
     assert UNPACKED_MD5[CORRUPT] in line
     assert bad_folders["corrupt_md5"] in line
@@ -360,7 +362,7 @@ def test_http_404_is_a_clean_failure(serve, tmp_path):
     url = serve(empty)
     with pytest.raises(UserError) as info:
         fetch([url], tmp_path / "out")
-    line = error_line(str(info.value), url)
+    line = reason_for(str(info.value), url)
     assert f"download of {url}train-images-idx3-ubyte.gz failed" in line
     assert "404" in line
 
@@ -369,7 +371,7 @@ def test_malformed_url_falls_through_to_next_source(fashion_mnist, serve, tmp_pa
     bad = "http://127.0.0.1:notaport/"  # a typo in params.yaml (http.client.InvalidURL)
     with pytest.raises(UserError) as info:
         fetch([bad], tmp_path / "alone")
-    assert "failed" in error_line(str(info.value), bad)
+    assert "failed" in reason_for(str(info.value), bad)
     out = tmp_path / "out"
     assert fetch([bad, str(fashion_mnist)], out) == str(fashion_mnist)
     assert_fetched(out)
@@ -419,6 +421,7 @@ def test_command_without_good_source_exits_2(bad_folders, tmp_path):
     sources = ["/nonexistent/fm", str(bad_folders["missing"])]
     proc = run_stage(tmp_path, {"fetch": {"sources": sources}})
     assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("error:")
     assert "Traceback" not in proc.stderr
     for source in sources:
@@ -431,6 +434,7 @@ def test_command_without_good_source_exits_2(bad_folders, tmp_path):
 def test_command_rejects_sources_that_are_not_a_list(fashion_mnist, tmp_path):
     proc = run_stage(tmp_path, {"fetch": {"sources": str(fashion_mnist)}})
     assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("error:")
     assert "fetch.sources" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -9,10 +9,11 @@ import json
 import os
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import make_project, run, stages_run
+from pipeline_helpers import make_project, one_error_line, run, stages_run
 
 pytestmark = pytest.mark.pipeline
 
@@ -128,12 +129,33 @@ def test_two_queued_experiments_run_in_parallel(project, tmp_path):
         stop_queue_workers(project)
     logs = "".join(path.read_text() for path in (project / ".dvc/tmp/exps/celery").glob("*.out"))
     assert status.count("Success") == 2, f"{status}\n{logs[-4000:]}"
+    queued = {
+        name: data
+        for name, data in experiments(project).items()
+        if data["params"]["params.yaml"]["data"]["lr"] in (0.02, 0.005)
+    }
     by_lr = {
         data["params"]["params.yaml"]["data"]["lr"]: data["metrics"]["results/metrics.json"]["data"]
-        for data in experiments(project).values()
+        for data in queued.values()
     }
     assert {0.02, 0.005} <= set(by_lr)
     assert by_lr[0.02] != by_lr[0.005]  # each experiment kept its own results
+    # both trained at once: each experiment's span of training, from its own runs' summaries
+    spans = {}
+    try:
+        for name in queued:
+            run(project, "dvc", "exp", "apply", name)
+            times = [
+                [datetime.fromisoformat(t) for t in json.loads(summary.read_text())["trained"]]
+                for summary in project.glob("runs/*/train/summary.json")
+            ]
+            spans[name] = (min(t[0] for t in times), max(t[1] for t in times))
+    finally:
+        run(project, "git", "checkout", "-q", "--", ".")
+        run(project, "dvc", "checkout", "-q")
+    (start_a, end_a), (start_b, end_b) = spans.values()
+    print(f"training spans: {spans}")
+    assert max(start_a, start_b) < min(end_a, end_b), spans  # the intervals overlap
 
 
 BAD_SET_PARAMS = [  # (-S value, what the one-line error must name)
@@ -166,8 +188,7 @@ def test_bad_set_param_is_one_clear_line_and_trains_nothing(project, override, m
     proc = run(project, "dvc", "exp", "run", "-S", override, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], output
+    assert message in one_error_line(output), output
     assert stages_run(output) == {"configure"}
     assert (project / "dvc.lock").read_text() == lock
     run(project, "git", "checkout", "-q", "--", "params.yaml")
@@ -175,13 +196,19 @@ def test_bad_set_param_is_one_clear_line_and_trains_nothing(project, override, m
 
 
 @pytest.mark.parametrize(
-    ("edit", "message"),
+    ("edit", "prefix", "message"),
     [
-        ("optimiser: adam\n", "unknown key 'optimiser' in params.yaml (did you mean 'optimizer'?)"),
-        ("epochs: [1\n", "unable to read: 'params.yaml'"),  # DVC reads it first
+        (
+            "optimiser: adam\n",
+            "error:",
+            "unknown key 'optimiser' in params.yaml (did you mean 'optimizer'?)",
+        ),
+        ("epochs: [1\n", "ERROR:", "unable to read: 'params.yaml'"),  # DVC reads it first
     ],
 )
-def test_bad_params_file_is_one_clear_line_and_trains_nothing(project, edit, message):
+def test_bad_params_file_is_one_clear_line_and_trains_nothing(project, edit, prefix, message):
+    """Our stage's one line, or where DVC itself refuses the file, DVC's one line and none of
+    ours."""
     params = project / "params.yaml"
     original = params.read_text()
     lock = (project / "dvc.lock").read_text()
@@ -190,8 +217,9 @@ def test_bad_params_file_is_one_clear_line_and_trains_nothing(project, edit, mes
         proc = run(project, "dvc", "repro", check=False)
         output = proc.stdout + proc.stderr
         assert proc.returncode != 0
-        errors = [line for line in output.splitlines() if line.startswith("error:")]
-        assert (len(errors) == 1 and message in errors[0]) or message in output, output
+        assert message in one_error_line(output, prefix), output
+        if prefix == "ERROR:":
+            assert not any(line.startswith("error:") for line in output.splitlines()), output
         assert not any(s.startswith("train@") for s in stages_run(output))
         assert (project / "dvc.lock").read_text() == lock
     finally:
