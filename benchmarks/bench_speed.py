@@ -131,7 +131,8 @@ def final_run(data_dir: Path, device: torch.device):
     """params.yaml, the report's final run and its data split."""
     allow_tf32(device)  # every path, as in `fit`
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    return params, resolve_run(params, "final"), load_dataset(data_dir, val_size=5000, split_seed=0)
+    cfg = resolve_run(params, "final")
+    return params, cfg, load_dataset(data_dir, val_size=cfg.val_size, split_seed=cfg.split_seed)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from run_configs import config, repo_params
 from torch import nn
 
 from stages.config import resolve_run
@@ -36,14 +36,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def params() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
-
-
-def config(params: dict, run: str = "final", preset: dict | None = None, **base):
-    p = copy.deepcopy(params)
-    p.update(base)
-    p["models"]["report"].update(preset or {})
-    return resolve_run(p, run)
+    return repo_params()
 
 
 def test_fused_kernels_build_here():

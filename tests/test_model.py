@@ -5,11 +5,10 @@ import copy
 import dataclasses
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from run_configs import config, repo_params
 from torch import nn
 
 from stages.config import resolve_run
@@ -23,19 +22,10 @@ from stages.model import (
 )
 from stages.training import autocast, build_model, make_optimizer, make_scheduler
 
-REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def params() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
-
-
-def config(params: dict, run: str = "final", preset: dict | None = None, **base):
-    """The run's configuration with base keys and preset (models.report) keys changed."""
-    p = copy.deepcopy(params)
-    p.update(base)
-    p["models"]["report"].update(preset or {})
-    return resolve_run(p, run)
+    return repo_params()
 
 
 def linears(model: nn.Module) -> list[nn.Linear]:

@@ -74,18 +74,19 @@ def test_another_seed_gives_other_metrics(tmp_path, data_dir, reference):
     assert proc.returncode == 0, proc.stderr
     assert history(tmp_path / "seed1") != history(out)
     bf16 = json.loads(config.read_text())["precision"] == "bf16"  # the mixer's
-    warned = "precision bf16 on a CPU without bf16 instructions" in proc.stderr
+    warned = "precision bf16 is emulated on a CPU without bf16 instructions" in proc.stderr
     assert warned == (bf16 and not training.bf16_is_native(torch.device("cpu")))
 
 
 def test_bf16_where_it_is_emulated_gets_a_one_line_warning(monkeypatch):
-    """`precision: bf16` on a CPU without bf16 instructions (about 9x slower) warns in one
+    """`precision: bf16` on a CPU without bf16 instructions (emulated, far slower) warns in one
     line naming the fix; fp32, or bf16 where the CPU has it, does not."""
     mixer = resolve_run(yaml.safe_load((REPO / "params.yaml").read_text()), "mixer")
     cpu = torch.device("cpu")
     monkeypatch.setattr(training, "bf16_is_native", lambda device: False)
     warning = training.precision_warning(mixer, cpu, "mixer-0")
-    assert warning.startswith("warning: mixer-0: precision bf16") and "\n" not in warning
+    assert warning.startswith("warning: mixer-0: precision bf16 is emulated on a CPU without")
+    assert "\n" not in warning
     assert "precision=fp32" in warning
     fp32 = RunConfig.from_dict({**mixer.to_dict(), "precision": "fp32"}, "test")
     assert training.precision_warning(fp32, cpu, "mixer-0") is None
