@@ -1,8 +1,9 @@
 """DVC stage `report`: every run's final numbers, the report's tables, figures and verdicts.
 
 Reads each `runs/<run>-<seed>/` folder named by params.yaml (runs x seeds), and writes
-`results/metrics.json` (every run's numbers, mean and spread over seeds), `results/report.md`
-(one table per study beside the published values, a verdict per study), PNG figures, and the
+`results/metrics.json` (each run's mean test accuracy and its spread over seeds),
+`results/report.md` (one table per study beside the published values, a verdict per study,
+every other number), PNG figures, and the
 same curves as DVC plot data in `results/plots/<curve>/<study>.json`, one series per run named
 by its study label, so that `dvc.yaml` declares the plots without naming any run.
 
@@ -29,6 +30,7 @@ from stages.model import forward_flops
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 RULE = (
     "A difference between two runs is called real when, with at least 2 seeds each, their mean "
@@ -101,15 +103,17 @@ def load_run(runs_dir: Path, name: str, seeds: list[int]) -> RunResult:
 
 
 def run_metrics(result: RunResult) -> dict[str, Any]:
-    """The numbers of one run for results/metrics.json (mean over seeds, std when n >= 2)."""
-    out: dict[str, Any] = {"seeds": len(result.seeds), "diverged": len(result.diverged_epochs)}
-    for metric in ("train/accuracy", "train/loss", "test_accuracy", "test_loss"):
-        mean, std = mean_std(result.values(metric))
-        key = metric.replace("/", "_")
-        if mean is not None:
-            out[key] = round(mean, 5)
-        if std is not None:
-            out[f"{key}_std"] = round(std, 5)
+    """One run's entry in results/metrics.json: its mean test accuracy, the std over seeds when
+    there are several, and how many seeds diverged when any did. Few columns keep `dvc exp
+    show` readable; every other number is in the report."""
+    out: dict[str, Any] = {}
+    mean, std = mean_std(result.values("test_accuracy"))
+    if mean is not None:
+        out["test_acc"] = round(mean, 5)
+    if std is not None:
+        out["test_acc_std"] = round(std, 5)
+    if result.diverged_epochs:
+        out["diverged"] = len(result.diverged_epochs)
     return out
 
 
@@ -192,9 +196,9 @@ def study_table(
     study: str, members: dict[str, str], results: dict[str, RunResult], published: dict
 ) -> str:
     rows = [
-        "| run | epochs | train acc | test acc | loss | published train / test / loss | "
-        "test acc - published |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| run | epochs | train acc | test acc | loss | test loss | published train / test / loss "
+        "| test acc - published |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run, label in members.items():
         result = results[run]
@@ -205,7 +209,9 @@ def study_table(
             pub_text = pub or "-"
         if not result.completed:
             epochs = ", ".join(str(e) for e in result.diverged_epochs)
-            rows.append(f"| {label} | - | diverged at epoch {epochs} | - | - | {pub_text} | - |")
+            rows.append(
+                f"| {label} | - | diverged at epoch {epochs} | - | - | - | {pub_text} | - |"
+            )
             continue
         test = result.values("test_accuracy")
         delta = (
@@ -220,7 +226,8 @@ def study_table(
         rows.append(
             f"| {label}{note} | {'/'.join(map(str, sorted(epochs)))} "
             f"| {fmt(result.values('train/accuracy'))} | {fmt(test)} "
-            f"| {fmt(result.values('train/loss'))} | {pub_text} | {delta} |"
+            f"| {fmt(result.values('train/loss'))} | {fmt(result.values('test_loss'))} "
+            f"| {pub_text} | {delta} |"
         )
     return "\n".join(rows)
 
@@ -275,6 +282,7 @@ def study_figure(study: str, members: dict[str, str], results: dict[str, RunResu
                 ax.plot(range(1, len(curve) + 1), curve, label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(title.split()[-1])
         ax.grid(alpha=0.3)
     axes[0].legend()

@@ -53,7 +53,7 @@ def test_repro_runs_every_stage_once_then_nothing(reproduced):
     assert "up to date" in run(project, "dvc", "status").stdout
     metrics = json.loads((project / "results" / "metrics.json").read_text())
     assert set(metrics) == {"final", "blocks-2", "radam"}
-    assert 0.0 < metrics["final"]["test_accuracy"] <= 1.0
+    assert 0.0 < metrics["final"]["test_acc"] <= 1.0
     assert (project / "results" / "report.md").read_text().count("## Study:") == 3
     for name in ("blocks", "optimizer", "final", "confusion_final"):
         png = (project / "results" / "figures" / f"{name}.png").read_bytes()
@@ -74,12 +74,12 @@ def test_exp_run_reruns_exactly_the_runs_that_use_the_changed_key(project):
     assert "Stage 'train@radam-0' didn't change, skipping" in out
     metrics = json.loads((project / "results" / "metrics.json").read_text())
     # The base run with radam is the radam run: same config, same seed, same numbers.
-    assert metrics["final"]["test_accuracy"] == metrics["radam"]["test_accuracy"]
+    assert metrics["final"]["test_acc"] == metrics["radam"]["test_acc"]
 
     assert "use-radam" in experiments(project)
 
     diff = json.loads(run(project, "dvc", "metrics", "diff", "HEAD", "use-radam", "--json").stdout)
-    assert "final.test_accuracy" in diff["results/metrics.json"]
+    assert "final.test_acc" in diff["results/metrics.json"]
     plots = json.loads(run(project, "dvc", "plots", "diff", "HEAD", "use-radam", "--json").stdout)
     revisions = {rev for rows in plots["data"].values() for row in rows for rev in row["revisions"]}
     assert {"HEAD", "use-radam"} <= revisions
