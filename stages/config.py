@@ -392,3 +392,11 @@ def studies(params: dict[str, Any]) -> dict[str, dict[str, str]]:
                     f"defined: {', '.join(names)}"
                 )
     return value
+
+
+def resolve_all(params: dict[str, Any]) -> dict[str, RunConfig]:
+    """Every run's configuration; raises on the first bad value anywhere in params.yaml."""
+    check_top_level(params)
+    seeds(params)
+    studies(params)
+    return {run: resolve_run(params, run) for run in run_names(params)}

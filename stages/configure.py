@@ -2,7 +2,8 @@
 
 Each `train@<run>-<seed>` stage depends on its run's file, not on params.yaml directly, so a
 change to the base configuration retrains exactly the runs whose settings it changes: a run
-that overrides the changed key gets a byte-identical file and stays cached.
+that overrides the changed key gets a byte-identical file and stays cached. Before any run
+trains, it prints which runs will train and about how long that takes here (stages/cost.py).
 """
 
 import argparse
@@ -10,26 +11,20 @@ import json
 import shutil
 from pathlib import Path
 
-from stages import config
+from stages import config, cost
 from stages.errors import run_cli
 from stages.files import make_temp_dir, replace_dir
-
-
-def resolve_all(params: dict) -> dict[str, config.RunConfig]:
-    """Every run's configuration; raises on the first bad value anywhere in params.yaml."""
-    config.check_top_level(params)
-    config.seeds(params)
-    config.studies(params)
-    return {run: config.resolve_run(params, run) for run in config.run_names(params)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=Path("configs"))
+    parser.add_argument("--runs", type=Path, default=Path("runs"), help="the trained runs")
     args = parser.parse_args()
 
-    configs = resolve_all(config.load_params(args.params))
+    params = config.load_params(args.params)
+    configs = config.resolve_all(params)
     staging = make_temp_dir(args.out)
     try:
         for run, cfg in configs.items():
@@ -39,6 +34,7 @@ def main() -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"configure: {len(configs)} runs: {', '.join(configs)}")
+    print(cost.plan_line(configs, config.seeds(params), args.runs, cost.TIMINGS))
 
 
 if __name__ == "__main__":

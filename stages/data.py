@@ -18,6 +18,7 @@ RAW_MD5 = {
     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
 }
 CLASSES = FashionMNIST.classes
+TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000  # the data set's sizes, for costs without loading it
 
 
 def class_key(name: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dvclive import Live
 
+from stages import cost
 from stages.data import CLASSES, class_key, load_dataset
 from stages.errors import UserError, run_cli
 from stages.fast import accelerate
@@ -59,6 +60,7 @@ def main() -> None:
         )
         print(f"evaluate: test accuracy {accuracy:.4f}, loss {loss:.4f} ({len(test)} images)")
     live.end()
+    cost.record(summary["run"], {"evaluate_seconds": cost.process_seconds()})
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from stages import cost
 from stages.config import RunConfig
 from stages.data import load_dataset
 from stages.errors import UserError, run_cli
@@ -43,7 +44,7 @@ def main() -> None:
     )
     device = pick_device()
     label = f"{args.config.stem}-{args.seed}"
-    started = datetime.now(UTC)
+    started, before_fit = datetime.now(UTC), cost.process_seconds()
     model, summary = fit(
         cfg,
         data,
@@ -69,6 +70,9 @@ def main() -> None:
     atomic_write(args.out / "model.pt", lambda tmp: torch.save(state, tmp))
     write_json(args.out / "summary.json", summary)
     args.checkpoint.unlink(missing_ok=True)  # the run is complete; a rerun starts afresh
+    if summary["eval_seconds_per_epoch"] is not None:  # None: it resumed with nothing left
+        setup = before_fit + summary["setup_seconds"]
+        cost.record(args.config.stem, cost.train_record(cfg, summary, setup))
 
 
 if __name__ == "__main__":

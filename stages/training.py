@@ -240,6 +240,7 @@ def fit(
     `live_dir=None` logs no dvclive curves and `checkpoint=None` keeps no checkpoint: the
     benchmark times the bare loop that way.
     """
+    fit_started = time.perf_counter()
     allow_tf32(device)
     if warning := precision_warning(cfg, device, label):
         print(warning, file=sys.stderr)
@@ -277,6 +278,7 @@ def fit(
         disable=None,  # no bar when the output is not a terminal (CI logs); epoch lines remain
         mininterval=1.0,
     )
+    setup_seconds, eval_seconds = time.perf_counter() - fit_started, []
     with bar:
 
         def progress(step: int, loss: torch.Tensor) -> None:
@@ -298,6 +300,7 @@ def fit(
             train_time = time.perf_counter() - started
             val_loss, val_accuracy = evaluate(net, val, cfg)
             test_loss, test_accuracy = evaluate(net, test, cfg)
+            eval_seconds.append(time.perf_counter() - started - train_time)
             if cfg.scheduler == "plateau":
                 scheduler.step(val_accuracy if cfg.plateau_metric == "val_accuracy" else val_loss)
             record = {
@@ -345,6 +348,9 @@ def fit(
         "seconds_per_epoch": (
             sum(r["epoch_seconds"] for r in history) / len(history) if history else None
         ),
+        # this process's start-up and per-epoch evaluation, for cost estimates (stages/cost.py)
+        "setup_seconds": setup_seconds,
+        "eval_seconds_per_epoch": sum(eval_seconds) / len(eval_seconds) if eval_seconds else None,
         "device": str(device),
         "cpu_kernels": cpu_kernels,  # the path that ran: its dropout masks are its own
         "history": history,

@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from stages import config
-from stages.configure import resolve_all
 from stages.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +50,7 @@ def write_params(path: Path, params: dict) -> Path:
 
 
 def test_repo_params_resolve_to_every_run(repo_params):
-    configs = resolve_all(repo_params)
+    configs = config.resolve_all(repo_params)
     assert list(configs) == RUNS
     assert all(isinstance(c, config.RunConfig) for c in configs.values())
     final = configs["final"]
@@ -80,7 +79,7 @@ def without_widths(cfg: config.RunConfig) -> dict:
 
 @pytest.mark.parametrize(("run", "blocks"), [("blocks-2", 2), ("blocks-3", 3)])
 def test_blocks_runs_differ_from_final_only_in_blocks(repo_params, run, blocks):
-    configs = resolve_all(repo_params)
+    configs = config.resolve_all(repo_params)
     final, other = configs["final"], configs[run]
     assert final.model.blocks == 1
     assert other.model.blocks == blocks
@@ -91,13 +90,13 @@ def test_blocks_runs_differ_from_final_only_in_blocks(repo_params, run, blocks):
 
 
 def test_config_dict_round_trip(repo_params):
-    for cfg in resolve_all(repo_params).values():
+    for cfg in config.resolve_all(repo_params).values():
         text = json.dumps(cfg.to_dict(), sort_keys=True)
         assert config.RunConfig.from_dict(json.loads(text), "test") == cfg
 
 
 def test_config_of_another_code_version_is_a_clear_error(repo_params):
-    data = resolve_all(repo_params)["mixer"].to_dict()
+    data = config.resolve_all(repo_params)["mixer"].to_dict()
     del data["cutmix_alpha"]
     data["old_key"] = 1
     with pytest.raises(config.UserError) as err:
@@ -272,7 +271,7 @@ BAD = [
 def test_bad_value_is_a_user_error(params, key, value, needles):
     set_key(params, key, value)
     with pytest.raises(UserError) as info:
-        resolve_all(params)
+        config.resolve_all(params)
     message = str(info.value)
     assert "\n" not in message
     for needle in needles:
@@ -282,7 +281,7 @@ def test_bad_value_is_a_user_error(params, key, value, needles):
 def test_unknown_top_level_key_suggests_the_right_one(params):
     params["optimiser"] = "adam"
     with pytest.raises(UserError, match=r"unknown key 'optimiser' in params\.yaml") as info:
-        resolve_all(params)
+        config.resolve_all(params)
     assert "did you mean 'optimizer'?" in str(info.value)
     assert "allowed:" in str(info.value)
 
@@ -290,7 +289,7 @@ def test_unknown_top_level_key_suggests_the_right_one(params):
 def test_unknown_key_in_a_run(params):
     params["runs"]["radam"] = {"optimizer": "radam", "momentun": 0.9}
     with pytest.raises(UserError, match=r"unknown key 'momentun' in runs\.radam") as info:
-        resolve_all(params)
+        config.resolve_all(params)
     assert "did you mean 'momentum'?" in str(info.value)
     assert "allowed: model, blocks, init," in str(info.value)
 
@@ -298,7 +297,7 @@ def test_unknown_key_in_a_run(params):
 def test_unknown_key_in_a_model_preset(params):
     params["models"]["report"]["stem_widht"] = 300
     with pytest.raises(UserError, match=r"unknown key 'stem_widht' in models\.report") as info:
-        resolve_all(params)
+        config.resolve_all(params)
     assert "did you mean 'stem_width'?" in str(info.value)
 
 
@@ -318,7 +317,7 @@ def test_unknown_key_in_a_model_preset(params):
 def test_unhashable_or_wrong_type_is_a_user_error(params, key, value, needle):
     params[key] = value
     with pytest.raises(UserError) as info:
-        resolve_all(params)
+        config.resolve_all(params)
     assert needle in str(info.value)
 
 
@@ -327,33 +326,33 @@ def test_non_string_key_is_a_user_error(params, key):
     # YAML 1.1 reads `1:`, `on:`/`yes:` and `~:` keys as int, bool and None
     params[key] = "x"
     with pytest.raises(UserError, match=rf"unknown key '{key}' in params\.yaml; allowed: model"):
-        resolve_all(params)
+        config.resolve_all(params)
     del params[key]
     params["models"]["report"][key] = "x"
     with pytest.raises(UserError, match=rf"unknown key '{key}' in models\.report"):
-        resolve_all(params)
+        config.resolve_all(params)
     del params["models"]["report"][key]
     params["runs"]["radam"][key] = "x"
     with pytest.raises(UserError, match=rf"unknown key '{key}' in runs\.radam"):
-        resolve_all(params)
+        config.resolve_all(params)
 
 
 def test_missing_key(params):
     del params["lr"]
     with pytest.raises(UserError, match=r"missing lr"):
-        resolve_all(params)
+        config.resolve_all(params)
 
 
 def test_bad_value_in_a_run_names_the_run(params):
     params["runs"]["sgd"] = {"optimizer": "sgd", "momentum": 1.5}
     with pytest.raises(UserError, match=r"run 'sgd': momentum=1\.5 must be in \[0\.0, 1\.0\)"):
-        resolve_all(params)
+        config.resolve_all(params)
 
 
 def test_run_that_is_not_a_mapping(params):
     params["runs"]["radam"] = "radam"
     with pytest.raises(UserError, match=r"runs\.radam must be a mapping"):
-        resolve_all(params)
+        config.resolve_all(params)
 
 
 def test_lr_as_yaml_text_is_accepted():
@@ -361,7 +360,7 @@ def test_lr_as_yaml_text_is_accepted():
     text = (REPO / "params.yaml").read_text().replace("lr: 0.01 ", "lr: 1e-3 ")
     params = yaml.safe_load(text)
     assert params["lr"] == "1e-3"
-    configs = resolve_all(params)
+    configs = config.resolve_all(params)
     inherit = [name for name, changes in params["runs"].items() if "lr" not in (changes or {})]
     assert inherit
     assert all(configs[n].lr == 0.001 and isinstance(configs[n].lr, float) for n in inherit)
@@ -370,7 +369,7 @@ def test_lr_as_yaml_text_is_accepted():
 def test_numbers_given_as_ints_become_floats(params):
     params["weight_decay"] = 0
     params["lr"] = 1
-    cfg = resolve_all(params)["final"]
+    cfg = config.resolve_all(params)["final"]
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
     assert cfg.weight_decay == 0.0 and isinstance(cfg.weight_decay, float)
 
@@ -380,14 +379,14 @@ def test_per_block_widths_accepted(params):
     params["models"]["report"]["token_mlp"] = [[32, 20], [16, 10]]
     params["runs"] = {"final": {}, "radam": {"optimizer": "radam"}}
     params["studies"] = {"final": {"final": "final model"}}
-    configs = resolve_all(params)
+    configs = config.resolve_all(params)
     assert configs["final"].model.token_mlp == ((32, 20), (16, 10))
     assert configs["final"].model.channel_mlp == ((200, 60), (200, 60))
     assert configs["radam"].model == configs["final"].model
     # a run with 3 blocks but only 2 token pairs
     params["runs"]["blocks-3"] = {"blocks": 3}
     with pytest.raises(UserError, match=r"token_mlp has 2 \[hidden, out\] pairs but blocks=3"):
-        resolve_all(params)
+        config.resolve_all(params)
 
 
 # ---------------------------------------------------------------- the stage as a command

@@ -72,6 +72,8 @@ def test_exp_run_reruns_exactly_the_runs_that_use_the_changed_key(project):
         "report",
     }
     assert "Stage 'train@radam-0' didn't change, skipping" in out
+    # said before training, with a time from the first repro's measurements
+    assert "cost: will train 2 of 3 runs (final-0, blocks-2-0): about " in out
     metrics = json.loads((project / "results" / "metrics.json").read_text())
     # The base run with radam is the radam run: same config, same seed, same numbers.
     assert metrics["final"]["test_acc"] == metrics["radam"]["test_acc"]
