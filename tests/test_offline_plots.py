@@ -60,6 +60,6 @@ def test_plots_show_and_diff_write_pages_that_load_nothing_from_the_network(
     assert_offline(project / "dvc_plots" / "index.html")
     assert (project / "dvc_plots" / "index.html").as_uri() in shown
     # Elsewhere, away from .dvc/: the page still holds everything it needs.
-    elsewhere = tmp_path / "elsewhere" / "plots"
+    elsewhere = tmp_path / "elsewhere"  # DVC makes the folder, not its parents
     run(project, "dvc", "plots", "diff", "HEAD", "-o", str(elsewhere))
     assert_offline(elsewhere / "index.html")
