@@ -144,11 +144,12 @@ def plan_line(
     known = [s for s in seconds.values() if s is not None]
     names = ", ".join(f"{run}-{seed}" for run, seed in pending)
     line = f"cost: will train {len(pending)} of {len(configs) * len(seeds)} runs ({names})"
-    if known:
-        line += f": about {duration(sum(known))} on this machine, from its measured times"
+    if not known:
+        return line + ": no time measured on this machine yet"
+    line += f": about {duration(sum(known))} on this machine, from its measured times"
     unknown = [f"{run}-{seed}" for (run, seed), s in seconds.items() if s is None]
     if unknown:
-        line += f"{';' if known else ':'} not yet measured here: {', '.join(unknown)}"
+        line += f"; not yet measured here: {', '.join(unknown)}"
     return line
 
 

@@ -90,6 +90,9 @@ def test_the_plan_line_names_the_runs_the_time_and_what_is_unknown(tmp_path, tim
         "cost: will train 2 of 3 runs (final-0, mixer-0): about 43 min on this machine, from "
         "its measured times; not yet measured here: mixer-0"
     )
+    assert cost.plan_line(configs, [0], runs, tmp_path / "none.json") == (
+        "cost: will train 2 of 3 runs (final-0, mixer-0): no time measured on this machine yet"
+    )
     for run, cfg in configs.items():
         if run != "radam":
             trained(runs, run, 0, cfg)
