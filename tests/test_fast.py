@@ -27,6 +27,7 @@ from stages.fast.functions import (
     linear,
     token_linear,
 )
+from stages.fetch import fetch
 from stages.model import MixerClassifier, mlp
 from stages.training import autocast, build_model
 
@@ -452,18 +453,36 @@ def test_token_major_gmlp_computes_the_plain_gmlp(params, precision):
     assert model.blocks[2].drop_path.p > 0  # the masks were drawn, and alike
 
 
-def test_without_a_compiler_training_warns_once_and_runs_torchs_kernels(tmp_path, params):
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, fashion_mnist) -> Path:
+    out = tmp_path_factory.mktemp("data") / "fashion-mnist"
+    fetch([str(fashion_mnist)], out)
+    return out
+
+
+def test_without_a_compiler_training_warns_once_and_runs_torchs_kernels(
+    tmp_path, params, data_dir, capsys
+):
     """The real fallback: no usable C++ compiler and an empty extension cache. Building fails,
-    one warning line names it, and the run trains the plain model."""
+    one warning line names it, and the run trains the plain model: its loss drops."""
     script = (
-        "import torch, yaml\n"
+        "import sys, torch, yaml\n"
+        "from pathlib import Path\n"
         "from stages.config import resolve_run\n"
+        "from stages.data import load_dataset\n"
         "from stages.fast import accelerate\n"
-        "from stages.training import autocast, build_model\n"
+        "from stages.training import build_model, evaluate, make_optimizer, train_epoch\n"
         "cfg = resolve_run(yaml.safe_load(open('params.yaml')), 'final')\n"
         "model = build_model(cfg, seed=0)\n"
         "net, path = accelerate(model, cfg, torch.device('cpu'))\n"
         "print(path, net is model)\n"
+        "data = load_dataset(Path(sys.argv[1]), val_size=2000, split_seed=cfg.split_seed,\n"
+        "                    train_limit=24 * cfg.batch_size)\n"  # a few dozen batches
+        "before, _ = evaluate(net, data.val, cfg)\n"
+        "optimizer = make_optimizer(cfg, model.parameters())\n"
+        "train_epoch(net, optimizer, data.train, cfg, torch.Generator().manual_seed(0))\n"
+        "after, _ = evaluate(net, data.val, cfg)\n"
+        "print(before, after)\n"
     )
     env = {
         **os.environ,
@@ -472,11 +491,17 @@ def test_without_a_compiler_training_warns_once_and_runs_torchs_kernels(tmp_path
         "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
     }
     proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=300,
-    )
+        [sys.executable, "-c", script, str(data_dir)], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "plain torch (fused kernels unavailable) True"
+    path_line, loss_line = proc.stdout.strip().splitlines()
+    assert path_line == "plain torch (fused kernels unavailable) True"
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    before, after = map(float, loss_line.split())
+    with capsys.disabled():
+        print(f"\nwithout a compiler: {' | '.join(warnings)}")
+        print(f"validation loss before training {before:.4f}, after 24 batches {after:.4f}")
     assert len(warnings) == 1 and "fused CPU kernels unavailable" in warnings[0], proc.stderr
     assert "Traceback" not in proc.stderr
+    assert after < 0.7 * before, (before, after)
