@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -27,8 +28,14 @@ TRAIN_FIELDS = ("setup_seconds", "train_seconds_per_epoch", "eval_seconds_per_ep
 
 
 def machine() -> str:
-    """Names this machine in TIMINGS, so that a clone's copied file is not taken as its own."""
-    return f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs"
+    """Names this machine in TIMINGS (host, processor, CPUs), so that times copied from another
+    machine are not taken for its own."""
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        found = None
+    processor = found.group(1).strip() if found else platform.processor() or platform.machine()
+    return f"{platform.node()}, {processor}, {os.cpu_count()} CPUs"
 
 
 def process_seconds() -> float:
