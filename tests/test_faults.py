@@ -1,19 +1,28 @@
-"""Faults on a tiny real pipeline: Ctrl-C or kill -9 during `dvc repro`, a corrupted data
-file, a diverging run inside the grid.
+"""Faults on a tiny real pipeline: Ctrl-C or kill -9 during `dvc repro`, kill -9 again and
+again at random moments and inside writes, a corrupted data file, a diverging run in the grid.
 
 (Bitwise-equal resume after kill -9: tests/test_training.py; bad params: tests/test_pipeline.py
 and tests/test_config.py; two queued experiments at once: tests/test_pipeline.py.)
 """
 
+import contextlib
+import hashlib
+import json
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
+import yaml
 from pipeline_helpers import env, make_project, run, stages_run
 
 from stages.data import RAW_MD5, md5_hex
@@ -109,3 +118,369 @@ def test_a_diverging_run_is_recorded_and_the_grid_completes(tmp_path, fashion_mn
     report = (project / "results" / "report.md").read_text()
     assert re.search(r"\| SGD \| - \| diverged at epoch \d+ \|", report), report
     assert "Diverged here: SGD." in report
+
+
+# --- SIGKILL at random moments ------------------------------------------------------------------
+
+KILL_GRID = {
+    "epochs": 3,
+    "runs": {"final": {}, "radam": {"optimizer": "radam"}},
+    "studies": {"optimizer": {"final": "Adam", "radam": "RAdam"}},
+}
+KILL_SEED = "FAULTS_KILL_SEED"  # replays one schedule of kills
+RANDOM_KILLS = 4
+WRITE_LOG = Path(__file__).with_name("write_log")  # its sitecustomize.py logs every write
+# Writes a kill must land inside at least once: the final path such a write pauses on (a plain
+# write then sits in its last moment, a temporary file written but not yet renamed), and up to
+# which of one process's writes of that kind it may be (drawn; 1 where a later one might never
+# come: a resumed run writes fewer checkpoints, the last repro may finish one stage only).
+MID_WRITE = {
+    "checkpoint": (r"^checkpoints/[^/]+-\d+\.pt$", 1),
+    "model.pt": (r"^runs/[^/]+/train/model\.pt$", 1),
+    "dvclive": (r"^runs/[^/]+/train/live/", 9),  # 9 files each epoch, a resume writes them again
+    "dvc.lock": (r"^dvc\.lock$", 1),
+}
+# DVC writes these two in place (truncate, then write): a kill inside that write leaves them
+# cut short and DVC refuses to run until they are removed, which is what the test then does.
+DVC_IN_PLACE = ("dvc.lock", ".dvc/tmp/rwlock")
+# The only time-dependent content of the outputs, left out of the comparison.
+SUMMARY_TIMES = ("trained", "seconds_per_epoch", "setup_seconds", "eval_seconds_per_epoch")
+EPOCH_TIMES = ("epoch_seconds",)
+TIME_FILES = {"epoch_seconds.tsv"}
+# stages.files.make_temp_dir's folders: .<name>.<pid>.<8 random characters>
+TEMP_DIR = re.compile(r"^\..+\.[a-z0-9_]{8}$")
+
+
+@dataclass
+class Kill:
+    moment: float | None  # drawn, in seconds of the reference run; None: it waited for a write
+    aim: str  # the kind of write it waited for, or where the moment is: "<stage> +<s>"
+    at: float  # seconds into its repro
+    running: str
+    writing: list[str]
+    note: str = ""
+
+
+class WriteLog:
+    """The events that tests/write_log/sitecustomize.py appends, read as they come."""
+
+    def __init__(self, path: Path):
+        self.path, self.events, self._offset = path, [], 0
+
+    def read(self) -> list[dict]:
+        if self.path.exists():
+            with self.path.open("rb") as log:
+                log.seek(self._offset)
+                data = log.read()
+            complete = data[: data.rfind(b"\n") + 1]
+            self._offset += len(complete)
+            self.events += [json.loads(line) for line in complete.splitlines()]
+        return self.events
+
+    def since(self, t: float) -> list[dict]:
+        return [e for e in self.read() if e["t"] >= t]
+
+
+def in_progress(events: list[dict]) -> list[str]:
+    """The final paths of the writes begun and not completed in `events` (one killed repro)."""
+    writes = {}
+    for e in events:
+        if e["event"] == "open":
+            writes[e["pid"], e["path"]] = e["target"]
+        elif e["event"] == "done":
+            writes.pop((e["pid"], e["path"]), None)
+    return sorted(set(writes.values()))
+
+
+def stage_of(argv: list[str]) -> str:
+    """`train@final-0` for the process `python -m stages.train ... --out runs/final-0/train`."""
+    if "-m" not in argv:
+        return "dvc" if any(a.endswith("dvc") for a in argv) else " ".join(argv)
+    module = argv[argv.index("-m") + 1].removeprefix("stages.")
+    out = argv[argv.index("--out") + 1] if "--out" in argv else ""
+    return f"{module}@{out.split('/')[1]}" if out.startswith("runs/") else module
+
+
+def started(events: list[dict]) -> list[str]:
+    return [stage_of(e["argv"]) for e in events if e["event"] == "proc"]
+
+
+def running(events: list[dict]) -> str:
+    started = {e["pid"]: stage_of(e["argv"]) for e in events if e["event"] == "proc"}
+    for e in events:
+        if e["event"] == "exit":
+            started.pop(e["pid"], None)
+    return ", ".join(dict.fromkeys(started.values())) or "-"
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the repro's whole process group, and wait until none of it runs any more."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        alive = []
+        for p in psutil.process_iter(["status"]):
+            with contextlib.suppress(OSError):
+                if os.getpgid(p.pid) == proc.pid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        if not alive:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"processes of the killed repro still run: {alive}")
+
+
+def logged_env(log: Path, root: Path, pauses: dict[str, int] | None = None) -> dict[str, str]:
+    extra = {"WRITE_LOG": str(log), "WRITE_LOG_ROOT": str(root)}
+    if pauses:
+        extra["WRITE_LOG_PAUSE"] = json.dumps(pauses)
+    path = os.pathsep.join(p for p in (str(WRITE_LOG), os.environ.get("PYTHONPATH")) if p)
+    return {**env(), "PYTHONPATH": path, **extra}
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def lock_matches(project: Path, out: dict) -> bool:
+    """Whether an output in the workspace is the one a dvc.lock entry records."""
+    path, md5 = project / out["path"], out["md5"]
+    if not md5.endswith(".dir"):
+        return path.is_file() and md5_of(path) == md5
+    listing = project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    found = [{"md5": md5_of(p), "relpath": p.relative_to(path).as_posix()} for p in files]
+    return listing.is_file() and json.loads(listing.read_text()) == found
+
+
+def lock_entries(project: Path) -> dict[str, dict]:
+    lock = project / "dvc.lock"
+    return yaml.safe_load(lock.read_text())["stages"] if lock.exists() else {}
+
+
+def comparable(path: Path):
+    """A file's content for comparing two runs, without its time-dependent parts only:
+    tensors for .pt files, JSON for summaries, an MD5 for every other file."""
+    if path.name in TIME_FILES:
+        return None
+    if path.suffix == ".pt":
+        return torch.load(path, map_location="cpu", weights_only=False)
+    if path.name == "summary.json" or path.match("live/metrics.json"):
+        data = json.loads(path.read_text())
+        for key in SUMMARY_TIMES if path.name == "summary.json" else ():
+            data.pop(key)
+        for record in [data, data.get("final") or {}, *data.get("history", [])]:
+            for key in EPOCH_TIMES:
+                record.pop(key, None)
+        return data
+    if path.name == "report.md":  # its cost table's seconds per epoch
+        text, column = path.read_text(), None
+        lines = []
+        for line in text.splitlines():
+            cells = line.split(" | ")
+            if "seconds per epoch" in cells:
+                column = cells.index("seconds per epoch")
+            elif column is not None and line.startswith("| ") and len(cells) > column:
+                cells[column] = "(time)"
+            else:
+                column = None
+            lines.append(" | ".join(cells))
+        return "\n".join(lines)
+    return md5_of(path)
+
+
+def outputs(project: Path, paths: list[str]) -> dict[str, object]:
+    found = {}
+    for name in paths:
+        path = project / name
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file() and (value := comparable(file)) is not None:
+                found[file.relative_to(project).as_posix()] = value
+    return found
+
+
+def assert_same(actual, expected, where: str) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, where
+        assert torch.equal(actual, expected), f"{where}: tensors differ"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, list | tuple):
+        assert isinstance(actual, list | tuple) and len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_same(a, e, f"{where}[{i}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def leftovers(project: Path) -> list[str]:
+    """Temporary files and folders anywhere in the project (git's own folder aside)."""
+    found = []
+    for path in project.rglob("*"):
+        rel = path.relative_to(project)
+        name = path.name
+        if rel.parts[0] == ".git":
+            continue
+        old = name.startswith(".") and name.endswith(".old")
+        if name.endswith(".tmp") or old or (path.is_dir() and TEMP_DIR.match(name)):
+            found.append(rel.as_posix())
+    return found
+
+
+def repro(
+    project: Path,
+    env: dict[str, str],
+    log: WriteLog,
+    output: Path,
+    kill_at: tuple[str, float] | None = None,
+    kill_on_pause: bool = False,
+) -> tuple[int | None, float, float]:
+    """One `dvc repro`, killed `kill_at` = (stage, s) after that stage's process started, or as
+    soon as a write pauses. Returns its exit status (None when killed), its start and end."""
+    with output.open("a") as out:
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            ["dvc", "repro"], cwd=project, env=env, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        while proc.poll() is None:
+            now = time.monotonic()
+            events = log.since(start) if kill_at or kill_on_pause else []
+            paused = kill_on_pause and any(e["event"] == "pause" for e in events)
+            due = kill_at and any(
+                e["event"] == "proc" and stage_of(e["argv"]) == kill_at[0]
+                and now >= e["t"] + kill_at[1]
+                for e in events
+            )  # fmt: skip
+            if paused or due:
+                kill_group(proc)
+                return None, start, now
+            assert now < start + 600, "dvc repro did not finish within 600 s"
+            time.sleep(0.01)
+    return proc.returncode, start, time.monotonic()
+
+
+def position(ref_events: list[dict], ref_start: float, moment: float) -> tuple[str, float]:
+    """Where the reference was `moment` s into its run: in (or after) which stage, how long
+    after that stage's process started."""
+    starts = [(e["t"] - ref_start, stage_of(e["argv"])) for e in ref_events if e["event"] == "proc"]
+    t, stage = max((t, stage) for t, stage in starts if t <= moment and stage != "dvc")
+    return stage, moment - t
+
+
+def aimed_at(kind: str, target: str) -> bool:
+    return re.search(MID_WRITE[kind][0], target) is not None
+
+
+def after_kill(project: Path, kill: Kill, number: int) -> dict[str, object]:
+    """Checks right after a kill; returns the outputs that dvc.lock now trusts."""
+    for name in DVC_IN_PLACE:
+        if name in kill.writing:  # as a user must: DVC cannot read what it left
+            (project / name).unlink(missing_ok=True)
+            kill.note = f"DVC left {name} cut short: removed"
+    entries = lock_entries(project)
+    for stage, entry in entries.items():
+        for out in entry.get("outs", []):
+            assert lock_matches(project, out), f"after kill {number}, {stage} trusts {out}"
+    return outputs(project, [out["path"] for e in entries.values() for out in e.get("outs", [])])
+
+
+def print_table(seed: int, reference_s: float | None, kills: list[Kill], total_s: float) -> None:
+    reference = "unfinished" if reference_s is None else f"{reference_s:.1f} s"
+    lines = [
+        f"SIGKILL at random moments: seed {seed} (replay: {KILL_SEED}={seed}), reference run "
+        f"{reference}",
+        "moment: drawn, s into the reference run; aimed at: that moment's place in the pipeline,",
+        "or a kind of write; killed: s into its repro",
+        f"{'#':>2}  {'moment':>6}  {'aimed at':<24}  {'killed':>6}  {'running':<24}  being written",
+    ]
+    for i, k in enumerate(kills, 1):
+        moment = "-" if k.moment is None else f"{k.moment:.1f}"
+        written = ", ".join(k.writing) or "-"
+        note = f"  [{k.note}]" if k.note else ""
+        lines.append(
+            f"{i:>2}  {moment:>6}  {k.aim:<24}  {k.at:>6.1f}  {k.running:<24}  {written}{note}"
+        )
+    lines.append(f"{len(kills)} kills, then a repro to the end; test time {total_s:.1f} s")
+    print("\n" + "\n".join(lines), flush=True)
+
+
+def test_sigkill_at_random_moments_leaves_the_same_results_as_an_uninterrupted_run(
+    tmp_path, fashion_mnist, capsys
+):
+    """`dvc repro` killed with SIGKILL again and again, at moments drawn from a seeded random
+    generator and inside checkpoint, model.pt, dvclive and dvc.lock writes, then run to the
+    end: the results are bit for bit those of an uninterrupted run, DVC trusts no output a stage
+    did not finish, and no temporary file is left. The table of kills prints with its seed;
+    FAULTS_KILL_SEED=<seed> replays that schedule."""
+    test_started = time.monotonic()
+    seed = int(os.environ.get(KILL_SEED) or random.SystemRandom().randrange(10**6))
+    rng = random.Random(seed)
+
+    reference = make_project(tmp_path / "reference", fashion_mnist, **KILL_GRID)
+    project = make_project(tmp_path / "killed", fashion_mnist, **KILL_GRID)
+    ref_log, log = WriteLog(tmp_path / "reference.log"), WriteLog(tmp_path / "killed.log")
+    output = tmp_path / "killed.out"
+    kills: list[Kill] = []
+    trusted: list[dict[str, object]] = []  # after each kill: the outputs dvc.lock trusts
+    # Until each kind of write in MID_WRITE has been hit, a repro is killed at its n-th write of
+    # a kind not hit yet (n drawn), paused inside that write; meanwhile the uninterrupted
+    # reference runs. Then N moments drawn on the reference's clock, across the rest of the run
+    # (from where the reference started the stage this copy was in); each repro is killed at the
+    # next one, at the same place in the pipeline: as long after the same stage's start.
+    nth = {kind: rng.randint(1, most) for kind, (_, most) in MID_WRITE.items()}
+    moments, timed, reference_s = None, 0, None
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            ref_env = logged_env(ref_log.path, reference)
+            ref_out = tmp_path / "reference.out"
+            uninterrupted = pool.submit(repro, reference, ref_env, ref_log, ref_out)
+            while True:
+                missing = [kind for kind in MID_WRITE if kind not in {k.aim for k in kills}]
+                if moments is None and not missing:
+                    _, ref_start, ref_end = uninterrupted.result()
+                    reference_s = ref_end - ref_start
+                    # from where the reference started the stage this copy is in now
+                    stage = [name for name in started(log.read()) if name != "dvc"][-1]
+                    since = next(
+                        e["t"] - ref_start for e in ref_log.read()
+                        if e["event"] == "proc" and stage_of(e["argv"]) == stage
+                    )  # fmt: skip
+                    moments = sorted(rng.uniform(since, reference_s) for _ in range(RANDOM_KILLS))
+                moment = moments[timed] if moments and timed < len(moments) else None
+                kill_at = None if moment is None else position(ref_log.read(), ref_start, moment)
+                pauses = {MID_WRITE[kind][0]: nth[kind] for kind in missing}
+                run_env = logged_env(log.path, project, pauses)
+                status, start, end = repro(project, run_env, log, output, kill_at, bool(pauses))
+                if status is not None:
+                    break
+                events = log.since(start)
+                paused = [e for e in events if e["event"] == "pause"]
+                where = "" if kill_at is None else f"{kill_at[0]} +{kill_at[1]:.1f} s"
+                kill = Kill(moment, where, end - start, running(events), in_progress(events))
+                if paused:
+                    target = paused[0]["target"]
+                    kill.moment, kill.aim = None, next(k for k in missing if aimed_at(k, target))
+                    assert target in kill.writing, events[-20:]
+                else:
+                    timed += 1
+                kills.append(kill)
+                trusted.append(after_kill(project, kill, len(kills)))
+            ref_status, ref_start, ref_end = uninterrupted.result()
+            assert ref_status == 0, ref_out.read_text()
+            reference_s = ref_end - ref_start
+        assert status == 0, output.read_text()[-3000:]
+
+        assert {k.aim for k in kills} >= set(MID_WRITE)
+        assert "up to date" in run(project, "dvc", "status").stdout
+        assert leftovers(project) == []
+        paths = [out["path"] for entry in lock_entries(reference).values() for out in entry["outs"]]
+        expected = outputs(reference, paths)
+        assert_same(outputs(project, paths), expected, "outputs")
+        for i, found in enumerate(trusted, 1):
+            assert_same(found, {name: expected[name] for name in found}, f"trusted after kill {i}")
+    finally:
+        with capsys.disabled():
+            print_table(seed, reference_s, kills, time.monotonic() - test_started)
