@@ -33,6 +33,7 @@ CHOICES = {
 # the residual blocks (mixer, gmlp) a LayerNorm before each.
 NORMS = {"notebook": ("batch", "none"), "mixer": ("layer", "none"), "gmlp": ("layer", "none")}
 RUN_NAME = re.compile(r"^[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*$")
+RESERVED_RUN_NAMES = ("std", "diverged")  # keys of results/metrics.json beside the runs
 
 
 @dataclass(frozen=True)
@@ -348,6 +349,11 @@ def run_names(params: dict[str, Any]) -> list[str]:
         if not isinstance(name, str) or not RUN_NAME.match(name):
             raise UserError(
                 f"params.yaml: run name {name!r} must be letters, digits, '_' and single '-'"
+            )
+        if name in RESERVED_RUN_NAMES:
+            raise UserError(
+                f"params.yaml: run name {name!r} is taken by results/metrics.json; "
+                f"choose a name other than {', '.join(RESERVED_RUN_NAMES)}"
             )
     return list(runs)
 

@@ -102,19 +102,21 @@ def load_run(runs_dir: Path, name: str, seeds: list[int]) -> RunResult:
     return result
 
 
-def run_metrics(result: RunResult) -> dict[str, Any]:
-    """One run's entry in results/metrics.json: its mean test accuracy, the std over seeds when
-    there are several, and how many seeds diverged when any did. Few columns keep `dvc exp
-    show` readable; every other number is in the report."""
-    out: dict[str, Any] = {}
-    mean, std = mean_std(result.values("test_accuracy"))
-    if mean is not None:
-        out["test_acc"] = round(mean, 5)
-    if std is not None:
-        out["test_acc_std"] = round(std, 5)
-    if result.diverged_epochs:
-        out["diverged"] = len(result.diverged_epochs)
-    return out
+def top_metrics(results: dict[str, RunResult]) -> dict[str, Any]:
+    """results/metrics.json: each run's mean test accuracy under its own name, then `std`
+    (over seeds, with several) and `diverged` (seeds, where any did) by run. Short names keep
+    `dvc exp show` readable in a terminal; every other number is in the report."""
+    means, spreads, diverged = {}, {}, {}
+    for run, result in results.items():
+        mean, std = mean_std(result.values("test_accuracy"))
+        if mean is not None:
+            means[run] = round(mean, 5)
+        if std is not None:
+            spreads[run] = round(std, 5)
+        if result.diverged_epochs:
+            diverged[run] = len(result.diverged_epochs)
+    extra = {"std": spreads, "diverged": diverged}
+    return means | {key: value for key, value in extra.items() if value}
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -337,7 +339,7 @@ def main() -> None:
     published = yaml.safe_load(PUBLISHED.read_text())
     results = {run: load_run(args.runs, run, seeds) for run in config.run_names(params)}
 
-    write_json(args.out / "metrics.json", {run: run_metrics(r) for run, r in results.items()})
+    write_json(args.out / "metrics.json", top_metrics(results))
     write_plot_data(studies, results, args.out / "plots")
     figures = args.out / "figures"
     first = next(iter(results.values())).summaries[0]

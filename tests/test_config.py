@@ -264,6 +264,7 @@ BAD = [
         ["models.mixer.channel_mlp[0] outputs 64 channels", "stem_width=128"],
     ),
     ("run-bad-name", "runs.bad name", {}, ["'bad name'", "letters, digits"]),
+    ("run-reserved-name", "runs.std", {}, ["'std' is taken by results/metrics.json", "diverged"]),
 ]
 
 
