@@ -5,9 +5,9 @@ pipeline can tell what was being written at the moment it killed it.
 Set by the test: WRITE_LOG (the log file: one JSON line per event, on the system-wide
 monotonic clock) and WRITE_LOG_ROOT (only writes below this folder are logged). Optionally
 WRITE_LOG_PAUSE, a JSON object {regular expression: n}: the n-th write in a process whose final
-path matches an expression holds still in its last moment before it completes (a temporary file
-written but not yet renamed into place; a plain file opened and written to but not yet flushed
-and closed), logs "pause" and sleeps for WRITE_LOG_PAUSE_S seconds, so that a kill lands inside.
+path matches an expression holds still in the middle (a temporary file written but not yet
+renamed into place; a plain file opened, so truncated or to be appended to, with nothing written
+to it yet), logs "pause" and sleeps for WRITE_LOG_PAUSE_S seconds, so that a kill lands inside.
 
 Events: "proc" (a process started: its command line), "open" (a write began), "pause", "done"
 (the file is in place: renamed, closed, or a temporary one removed), "exit".
@@ -39,7 +39,7 @@ def _install(log: str, root: str) -> None:
     root = os.path.realpath(root)
     real_open = builtins.open
     # What this process created with os.open or os.mkdir (mkstemp's and mkdtemp's temporaries,
-    # DVC's reflinks): complete when renamed or removed, not when closed.
+    # DVC's reflinks), and *.tmp files: complete when renamed or removed, not when closed.
     writing: set[str] = set()
 
     def emit(event: str, **fields) -> None:
@@ -78,10 +78,23 @@ def _install(log: str, root: str) -> None:
         """A file open for writing that logs when it is closed: the write is then complete."""
 
         def __init__(self, file, rel: str):
-            self._file, self._rel = file, rel
+            self._file, self._rel, self._written = file, rel, False
 
         def __getattr__(self, name):
             return getattr(self._file, name)
+
+        def _before_writing(self) -> None:
+            if not self._written and self._rel not in writing:
+                hold(self._rel)  # opened (truncated, or to append to), nothing written yet
+            self._written = True
+
+        def write(self, data):
+            self._before_writing()
+            return self._file.write(data)
+
+        def writelines(self, lines) -> None:
+            self._before_writing()
+            self._file.writelines(lines)
 
         def __iter__(self):
             return iter(self._file)
@@ -95,8 +108,6 @@ def _install(log: str, root: str) -> None:
         def close(self) -> None:
             if self._file.closed:
                 return
-            if self._rel not in writing:
-                hold(self._rel)
             self._file.close()
             if self._rel not in writing:
                 emit("done", path=self._rel, target=target(self._rel))
@@ -111,6 +122,8 @@ def _install(log: str, root: str) -> None:
         if rel is None:
             return handle
         if rel not in writing:
+            if rel.endswith(".tmp"):  # another program's temporary: complete once renamed
+                writing.add(rel)
             emit("open", path=rel, target=target(rel))
         return Logged(handle, rel)
 
