@@ -71,3 +71,14 @@ def test_checkpoint_key_changes_with_the_code_training_runs(tmp_path, monkeypatc
     kernel.write_text(kernel.read_text() + "\n// edited\n")
     assert code_digest("stages.train") != before
     assert Path(copy / "report.py").exists() is False  # report.py is not part of training
+
+
+def test_the_reports_outputs_are_kept_in_git():
+    """A clone reads the committed reference (report, metrics, figures, plot data) without a
+    DVC remote: every output of the report stage is `cache: false`."""
+    outs = yaml.safe_load(DVC_YAML.read_text())["stages"]["report"]["outs"]
+    assert all(isinstance(out, dict) for out in outs), outs
+    assert [next(iter(out.values())) for out in outs] == [{"cache": False}] * len(outs)
+    assert {next(iter(out)) for out in outs} == {
+        "results/metrics.json", "results/report.md", "results/figures", "results/plots"
+    }  # fmt: skip
