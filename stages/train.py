@@ -62,8 +62,11 @@ def main() -> None:
         "val_images": len(data.val),
         "test_images": len(data.test),
         **summary,
-        # when this process trained (after a resume: its part), in UTC
+        # when and where this process trained (after a resume: its part), in UTC
         "trained": [started.isoformat(), datetime.now(UTC).isoformat()],
+        "machine": cost.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "config": cfg.to_dict(),
     }
     state = {"config": cfg.to_dict(), "state_dict": model.state_dict()}

@@ -18,6 +18,7 @@ GIT_IDENTITY = {  # `dvc exp run` commits; a bare CI machine may have no git ide
     "GIT_COMMITTER_EMAIL": "test@example.invalid",
 }
 TINY = {
+    "seeds": [0],
     "epochs": 1,
     "batch_size": 128,
     "train_limit": 512,
@@ -76,11 +77,13 @@ def stages_run(output: str) -> set[str]:
 
 
 def make_project(folder: Path, fashion_mnist: Path, **params) -> Path:
-    """A copy of the tracked project files with tiny params, as a fresh git + DVC repo."""
+    """A copy of the tracked project files with tiny params, as a fresh git + DVC repo, without
+    the committed reference (dvc.lock, results/ and the reference's DVC store)."""
     project = folder / "project"
     files = subprocess.run(
-        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
+        ["git", "ls-files", ":!dvc.lock", ":!results", ":!reference"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
     for name in files:
         if (REPO / name).is_file():
             (project / name).parent.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ def test_repo_params_resolve_to_every_run(repo_params):
     assert configs["sgd"].optimizer == "sgd"
     assert configs["init-normal"].init == "normal"
     assert configs["init-kaiming"].init == "kaiming_uniform"
-    assert config.seeds(repo_params) == [0]
+    assert config.seeds(repo_params) == [0, 1, 2]
 
 
 def without_widths(cfg: config.RunConfig) -> dict:

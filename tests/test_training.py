@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from stages import training
+from stages import cost, training
 from stages.config import RunConfig, resolve_run
 from stages.fetch import fetch
 
@@ -65,6 +65,8 @@ def reference(request, tmp_path_factory, data_dir) -> tuple[Path, Path]:
     proc = run_stage(train_cmd(config, data_dir, folder / "out", folder / "state.pt"))
     assert proc.returncode == 0, proc.stderr
     assert not (folder / "state.pt").exists()  # a finished run removes its checkpoint
+    summary = json.loads((folder / "out" / "summary.json").read_text())
+    assert summary["machine"] == cost.machine() and summary["torch"] == torch.__version__
     return config, folder / "out"
 
 
@@ -103,9 +105,10 @@ def test_kill_9_mid_run_then_rerun_resumes_and_matches_uninterrupted(tmp_path, d
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a loaded machine may first build the fused kernels
     while not checkpoint.exists() and time.monotonic() < deadline and victim.poll() is None:
         time.sleep(0.02)
+    assert checkpoint.exists(), "no checkpoint was written within 600 s"
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
