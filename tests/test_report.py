@@ -35,6 +35,7 @@ def fake_run(runs: Path, name: str, seed: int, test_acc: float | None, diverged_
         "val_images": 5000, "test_images": 10000, "epochs_completed": len(history),
         "diverged": diverged_at is not None, "diverged_epoch": diverged_at,
         "final": history[-1] if history else None, "device": "cpu",
+        "machine": "vm, AMD EPYC, 2 CPUs",
         "seconds_per_epoch": 2.0 if history else None, "history": history,
         "config": dataclasses.replace(resolve_run(REPO_PARAMS, name), epochs=3).to_dict(),
     }  # fmt: skip
@@ -98,10 +99,10 @@ def test_single_seed_tables_published_values_and_diverged_run(tmp_path):
     )
     report = (results / "report.md").read_text()
     assert table_row(report, "1 block", "blocks") == (
-        "| 1 block | 3 | 0.830 | 0.900 | 0.333 | 0.300 | 0.904 / 0.884 / 0.158 | +0.016 |"
+        "| 1 block | 3 | 0.830 | 0.900 | 0.333 | 0.300 | 0.904 / 0.884 / 0.158 | +0.016 | **no** |"
     )
     assert (
-        "| SGD | - | diverged at epoch 7 | - | - | - | failed to produce a stable model | - |"
+        "| SGD | - | diverged at epoch 7 | - | - | - | failed to produce a stable model | - | - |"
         in (report)
     )
     assert "Diverged here: SGD." in report
@@ -128,6 +129,29 @@ def test_multi_seed_mean_std_and_the_spread_rule(tmp_path):
     metrics = json.loads((results / "metrics.json").read_text())
     assert metrics["blocks-2"] == pytest.approx(0.852)
     assert metrics["std"] == {"final": 0.002, "blocks-2": 0.002, "sgd": 0.002}
+
+
+def test_a_row_lands_within_one_point_or_two_std_of_its_published_value(tmp_path):
+    results = make_report(
+        tmp_path,
+        {
+            "final": [0.88, 0.90, 0.92],  # std 0.02: 0.016 from the published 0.884 lands
+            "blocks-2": [0.864, 0.865, 0.866],  # 0.012 from 0.853 with std 0.001: does not
+            "sgd": [0.7, 0.7, 0.7],
+        },
+        seeds=[0, 1, 2],
+    )
+    report = (results / "report.md").read_text()
+    assert table_row(report, "1 block", "blocks").endswith("| +0.016 | yes |")
+    assert table_row(report, "2 blocks", "blocks").endswith("| +0.012 | **no** |")
+    assert table_row(report, "SGD", "optimizer").endswith("| - | - |")  # nothing published
+    (tmp_path / "one").mkdir()
+    one_seed = make_report(
+        tmp_path / "one", {"final": [0.893], "blocks-2": [0.86], "sgd": [0.7]}, seeds=[0]
+    )
+    report = (one_seed / "report.md").read_text()
+    assert table_row(report, "1 block", "blocks").endswith("| +0.009 | yes |")
+    assert table_row(report, "2 blocks", "blocks").endswith("| +0.007 | yes |")
 
 
 def test_a_claim_that_does_not_hold_is_said_so(tmp_path):
@@ -205,8 +229,10 @@ def test_modern_study_goal_and_cost_table(tmp_path, mixer, met):
     assert "Holds: modern Mixer beats report's final beyond the spread" in report
     assert "| 0.938 / 0.902 / 0.16 |" in table_row(report, "report's final", "modern")
     cost = report.split("## Cost")[1]
-    assert "| final | 2.0 ± 0.0 | fp32 | 87,550 | 14.3 | 2.37 |" in cost  # 3 x 14.3 MFLOP x 55k
-    assert "| mixer | 2.0 ± 0.0 | bf16 |" in cost
+    machine = "vm, AMD EPYC, 2 CPUs"  # 3 x 14.3 MFLOP x 55k images; 3 epochs of 2 s, 4 runs
+    assert f"| final | 2.0 ± 0.0 | 0.1 ± 0.0 | fp32 | 87,550 | 14.3 | 2.37 | {machine} |" in cost
+    assert "| mixer | 2.0 ± 0.0 | 0.1 ± 0.0 | bf16 |" in cost
+    assert "Training time of the grid: seed 0: 24 s, seed 1: 24 s, seed 2: 24 s." in cost
 
 
 CURVE_FOLDERS = [metric.replace("/", "-") for metric, _ in CURVES]
