@@ -115,7 +115,7 @@ def test_the_command_applies_overrides_as_dvc_does(tmp_path, timings):
         trained(runs, run, 0, cfg)
     command = [sys.executable, "-m", "stages.cost", "--runs", str(runs), "--timings", str(timings)]
     proc = subprocess.run(
-        [*command, "-S", "optimizer=radam", "-S", "lr=1e-3"],
+        [*command, "-S", "seeds=[0]", "-S", "optimizer=radam", "-S", "lr=1e-3"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
