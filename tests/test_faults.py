@@ -144,6 +144,7 @@ MID_WRITE = {
 # cut short and DVC refuses to run until they are removed, which is what the test then does.
 DVC_IN_PLACE = ("dvc.lock", ".dvc/tmp/rwlock")
 # The only time-dependent content of the outputs, left out of the comparison.
+REPORT_TIMES = ("seconds per epoch", "minutes per seed")  # the report's timed columns
 SUMMARY_TIMES = ("trained", "seconds_per_epoch", "setup_seconds", "eval_seconds_per_epoch")
 EPOCH_TIMES = ("epoch_seconds",)
 TIME_FILES = {"epoch_seconds.tsv"}
@@ -274,17 +275,20 @@ def comparable(path: Path):
             for key in EPOCH_TIMES:
                 record.pop(key, None)
         return data
-    if path.name == "report.md":  # its cost table's seconds per epoch
-        text, column = path.read_text(), None
+    if path.name == "report.md":  # its cost section's times
+        text, columns = path.read_text(), []
         lines = []
         for line in text.splitlines():
             cells = line.split(" | ")
-            if "seconds per epoch" in cells:
-                column = cells.index("seconds per epoch")
-            elif column is not None and line.startswith("| ") and len(cells) > column:
-                cells[column] = "(time)"
+            if line.startswith("Training time of the grid:"):
+                cells = ["Training time of the grid: (time)"]
+            elif "seconds per epoch" in cells:
+                columns = [i for i, cell in enumerate(cells) if cell in REPORT_TIMES]
+            elif columns and line.startswith("| ") and len(cells) > max(columns):
+                for column in columns:
+                    cells[column] = "(time)"
             else:
-                column = None
+                columns = []
             lines.append(" | ".join(cells))
         return "\n".join(lines)
     return md5_of(path)
