@@ -29,11 +29,12 @@ def data_dir(tmp_path_factory, fashion_mnist) -> Path:
     return out
 
 
-def write_config(folder: Path, run: str = "final", **changes) -> Path:
+def write_config(folder: Path, run: str = "final", mixer_precision="fp32", **changes) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params.update(TINY, **changes)
-    if run == "mixer":  # 1 of the 3 tiny epochs warms up, so the cosine decay runs too
-        params["runs"]["mixer"]["warmup_epochs"] = 1
+    # The Mixer warms up for 1 of the 3 tiny epochs, so the cosine decay runs too; in fp32, as
+    # bf16 is emulated (many times slower) on CPUs without it and has a test of its own.
+    params["runs"]["mixer"].update(warmup_epochs=1, precision=mixer_precision)
     path = folder / "tiny.json"
     path.write_text(json.dumps(resolve_run(params, run).to_dict()))
     return path
@@ -56,28 +57,64 @@ def history(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in summary["history"]]
 
 
-@pytest.fixture(scope="module", params=["final", "mixer"])
-def reference(request, tmp_path_factory, data_dir) -> tuple[Path, Path]:
-    """An uninterrupted tiny run with seed 0: (its config file, its output folder). The mixer
-    run adds augmentation, label smoothing, a per-batch cosine schedule and bf16 autocast."""
-    folder = tmp_path_factory.mktemp("reference")
-    config = write_config(folder, request.param)
-    proc = run_stage(train_cmd(config, data_dir, folder / "out", folder / "state.pt"))
-    assert proc.returncode == 0, proc.stderr
-    assert not (folder / "state.pt").exists()  # a finished run removes its checkpoint
-    summary = json.loads((folder / "out" / "summary.json").read_text())
-    assert summary["machine"] == cost.machine() and summary["torch"] == torch.__version__
-    return config, folder / "out"
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory, data_dir):
+    """Uninterrupted tiny runs with seed 0, trained once per module on first use: run name ->
+    (its config file, its output folder)."""
+    trained: dict[str, tuple[Path, Path]] = {}
+
+    def get(run: str) -> tuple[Path, Path]:
+        if run not in trained:
+            folder = tmp_path_factory.mktemp(run)
+            config = write_config(folder, run)
+            proc = run_stage(train_cmd(config, data_dir, folder / "out", folder / "state.pt"))
+            assert proc.returncode == 0, proc.stderr
+            assert not (folder / "state.pt").exists()  # a finished run removes its checkpoint
+            summary = json.loads((folder / "out" / "summary.json").read_text())
+            assert summary["machine"] == cost.machine() and summary["torch"] == torch.__version__
+            trained[run] = config, folder / "out"
+        return trained[run]
+
+    return get
 
 
-def test_another_seed_gives_other_metrics(tmp_path, data_dir, reference):
-    config, out = reference
+@pytest.fixture(params=["final", "mixer"])
+def reference(request, tiny_runs) -> tuple[Path, Path]:
+    """The report's final model, and the Mixer, which adds augmentation, label smoothing and a
+    per-batch cosine schedule: paths that resume and learning must hold for."""
+    return tiny_runs(request.param)
+
+
+@pytest.fixture
+def final_reference(tiny_runs) -> tuple[Path, Path]:
+    return tiny_runs("final")
+
+
+def test_another_seed_gives_other_metrics(tmp_path, data_dir, final_reference):
+    config, out = final_reference
     proc = run_stage(train_cmd(config, data_dir, tmp_path / "seed1", tmp_path / "s.pt", seed=1))
     assert proc.returncode == 0, proc.stderr
     assert history(tmp_path / "seed1") != history(out)
-    bf16 = json.loads(config.read_text())["precision"] == "bf16"  # the mixer's
-    warned = "precision bf16 is emulated on a CPU without bf16 instructions" in proc.stderr
-    assert warned == (bf16 and not training.bf16_is_native(torch.device("cpu")))
+
+
+def test_bf16_autocast_trains_and_warns_where_emulated(tmp_path, data_dir):
+    """The Mixer's own precision, bf16, end to end for one short epoch: it changes the
+    arithmetic (other metrics than fp32 under the same seed) and still learns; where the CPU
+    lacks bf16 the stage warns."""
+    short = {"epochs": 1, "train_limit": 512, "val_size": 256, "test_limit": 256}
+    runs = {}
+    for precision in ("bf16", "fp32"):
+        folder = tmp_path / precision
+        folder.mkdir()
+        config = write_config(folder, "mixer", precision, **short)
+        proc = run_stage(train_cmd(config, data_dir, folder / "out", folder / "state.pt"))
+        assert proc.returncode == 0, proc.stderr
+        runs[precision] = history(folder / "out")
+        warned = "precision bf16 is emulated on a CPU without bf16 instructions" in proc.stderr
+        native = training.bf16_is_native(torch.device("cpu"))
+        assert warned == (precision == "bf16" and not native)
+    assert runs["bf16"] != runs["fp32"]
+    assert runs["bf16"][0]["val/accuracy"] > 0.2, runs["bf16"]
 
 
 def test_bf16_where_it_is_emulated_gets_a_one_line_warning(monkeypatch):
@@ -181,11 +218,13 @@ def test_selection_script_scores_on_validation_only(tmp_path, data_dir):
     proc = run_stage(
         [sys.executable, "benchmarks/select_on_val.py", "--run", "mixer", "--epochs", "1",
          "--data", str(data_dir), "--log", str(log), "--set", "train_limit=256",
-         "--set", "val_size=128", "--set", "models.mixer.drop_path=0.0"]
+         "--set", "val_size=128", "--set", "models.mixer.drop_path=0.0", "--set", "precision=fp32"]
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = json.loads(log.read_text())
-    assert result["changes"] == ["train_limit=256", "val_size=128", "models.mixer.drop_path=0.0"]
+    assert result["changes"] == [
+        "train_limit=256", "val_size=128", "models.mixer.drop_path=0.0", "precision=fp32"
+    ]
     assert 0.0 < result["val_accuracy"] <= 1.0
     assert "test" not in " ".join(result)  # no test metric is reported
     bad = run_stage(
@@ -202,7 +241,7 @@ def test_batch_mixing_trains_with_soft_targets_and_repeats_under_a_seed(tmp_path
     results = []
     for i, mixing in enumerate((["mixup_alpha=0.2", "cutmix_alpha=1.0"],) * 2 + ([],)):
         log = tmp_path / f"mix{i}.jsonl"
-        changes = ["train_limit=256", "val_size=128", *mixing]
+        changes = ["train_limit=256", "val_size=128", "precision=fp32", *mixing]
         proc = run_stage(
             [sys.executable, "benchmarks/select_on_val.py", "--run", "mixer", "--epochs", "1",
              "--data", str(data_dir), "--log", str(log)]
@@ -235,10 +274,10 @@ def test_speed_benchmark_times_every_path(data_dir):
     ]
 
 
-def test_paired_comparison_of_two_runs(tmp_path, data_dir, reference):
+def test_paired_comparison_of_two_runs(tmp_path, data_dir, final_reference):
     """benchmarks/compare_runs.py compares runs image by image: a run against itself agrees
     everywhere, and the counts of two runs add up to their accuracy difference."""
-    config, out = reference
+    config, out = final_reference
     other = tmp_path / "seed1"
     assert run_stage(train_cmd(config, data_dir, other, tmp_path / "s.pt", seed=1)).returncode == 0
     proc = run_stage(
