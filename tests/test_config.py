@@ -173,6 +173,7 @@ BAD = [
     ("plateau_factor-1", "plateau_factor", 1.0, ["plateau_factor=1.0", "(0.0, 1.0)"]),
     ("plateau_patience-negative", "plateau_patience", -1, ["plateau_patience=-1", ">= 0"]),
     ("train_limit-0", "train_limit", 0, ["train_limit=0", ">= 1"]),
+    ("split_seed-negative", "split_seed", -1, ["split_seed=-1", ">= 0"]),
     ("dropout", "models.report.dropout", 1.5, ["models.report.dropout=1.5", "[0.0, 1.0)"]),
     (
         "patch_size",

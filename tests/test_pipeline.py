@@ -165,23 +165,15 @@ def test_two_queued_experiments_run_in_parallel(project, tmp_path, capsys):
     assert max(start_a, start_b) < min(end_a, end_b), spans  # the intervals overlap
 
 
-BAD_SET_PARAMS = [  # (-S value, what the one-line error must name)
+# (-S value, what the one-line error must name): one of each kind of value DVC parses from `-S`
+# (a word, a bool-like word, a number-like word, an integer, a nested key, a list). Every
+# rule's message is checked in-process by tests/test_config.py.
+BAD_SET_PARAMS = [
     ("optimizer=adamax", "optimizer='adamax' is not allowed; choose one of: adam, radam, sgd"),
-    ("init=he", "init='he' is not allowed"),
-    ("scheduler=step", "scheduler='step' is not allowed"),
     ("hflip=maybe", "hflip='maybe' must be true or false"),
-    ("precision=fp16", "precision='fp16' is not allowed; choose one of: fp32, bf16"),
-    ("epochs=0", "epochs=0 must be an integer >= 1"),
-    ("batch_size=-5", "batch_size=-5 must be an integer >= 1"),
-    ("lr=0", "lr=0 must be in (0.0, inf)"),
     ("lr=fast", "lr='fast' must be a number"),
-    ("blocks=0", "blocks=0 must be an integer >= 1"),
-    ("momentum=1.5", "momentum=1.5 must be in [0.0, 1.0)"),
-    ("split_seed=-1", "split_seed=-1 must be an integer >= 0"),
-    ("train_limit=0", "train_limit=0 must be an integer >= 1"),
+    ("epochs=0", "epochs=0 must be an integer >= 1"),
     ("models.report.patch_size=5", "patch_size=5 does not divide the 28-pixel image"),
-    ("models.report.activation=tanh", "activation='tanh' is not allowed; choose one of: relu"),
-    ("models.report.dropout=2", "dropout=2 must be in [0.0, 1.0)"),
     (
         "models.report.token_mlp=[80,60,40]",
         "token_mlp=[80, 60, 40] must be [hidden, out] or a list",
