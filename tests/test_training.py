@@ -303,3 +303,24 @@ def test_paired_comparison_of_two_runs(tmp_path, data_dir, final_reference):
     assert (n10 - n01) / TINY["test_limit"] == pytest.approx(difference, abs=2e-4)
     missing = run_stage([sys.executable, "benchmarks/compare_runs.py", str(tmp_path / "none")])
     assert missing.returncode == 2 and "holds no trained model" in missing.stderr
+
+
+def test_training_mode_test_accuracy_beside_eval_mode(tmp_path, data_dir, final_reference):
+    """benchmarks/train_mode_test.py scores the test set as the notebook did (training mode) and
+    as the pipeline does (eval mode); the eval-mode number is the one the run recorded."""
+    _, out = final_reference
+    proc = run_stage(
+        [sys.executable, "benchmarks/train_mode_test.py", "--data", str(data_dir),
+         "--repeats", "2", str(out)]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    row_pattern = r"^\| \S+ \| ([\d.]+) \| ([\d.]+) ± ([\d.]+) \| ([+-][\d.]+) \|$"
+    row = re.search(row_pattern, proc.stdout, re.M)
+    assert row, proc.stdout
+    eval_mode, training_mode, spread, difference = map(float, row.groups())
+    recorded = json.loads((out / "summary.json").read_text())["final"]["test/accuracy"]
+    assert eval_mode == pytest.approx(recorded, abs=1 / TINY["test_limit"])
+    assert spread > 0  # dropout and batch statistics change with each draw
+    assert difference == pytest.approx(training_mode - eval_mode, abs=2e-4) and difference != 0
+    missing = run_stage([sys.executable, "benchmarks/train_mode_test.py", str(tmp_path / "none")])
+    assert missing.returncode == 2 and "holds no trained model" in missing.stderr
