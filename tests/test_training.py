@@ -59,21 +59,22 @@ def history(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory, data_dir):
-    """Uninterrupted tiny runs with seed 0, trained once per module on first use: run name ->
+    """Uninterrupted tiny runs, each trained once per module on first use: (run name, seed) ->
     (its config file, its output folder)."""
-    trained: dict[str, tuple[Path, Path]] = {}
+    trained: dict[tuple[str, int], tuple[Path, Path]] = {}
 
-    def get(run: str) -> tuple[Path, Path]:
-        if run not in trained:
-            folder = tmp_path_factory.mktemp(run)
+    def get(run: str, seed: int = 0) -> tuple[Path, Path]:
+        if (run, seed) not in trained:
+            folder = tmp_path_factory.mktemp(f"{run}-{seed}")
             config = write_config(folder, run)
-            proc = run_stage(train_cmd(config, data_dir, folder / "out", folder / "state.pt"))
+            cmd = train_cmd(config, data_dir, folder / "out", folder / "state.pt", seed=seed)
+            proc = run_stage(cmd)
             assert proc.returncode == 0, proc.stderr
             assert not (folder / "state.pt").exists()  # a finished run removes its checkpoint
             summary = json.loads((folder / "out" / "summary.json").read_text())
             assert summary["machine"] == cost.machine() and summary["torch"] == torch.__version__
-            trained[run] = config, folder / "out"
-        return trained[run]
+            trained[run, seed] = config, folder / "out"
+        return trained[run, seed]
 
     return get
 
@@ -90,11 +91,9 @@ def final_reference(tiny_runs) -> tuple[Path, Path]:
     return tiny_runs("final")
 
 
-def test_another_seed_gives_other_metrics(tmp_path, data_dir, final_reference):
-    config, out = final_reference
-    proc = run_stage(train_cmd(config, data_dir, tmp_path / "seed1", tmp_path / "s.pt", seed=1))
-    assert proc.returncode == 0, proc.stderr
-    assert history(tmp_path / "seed1") != history(out)
+def test_another_seed_gives_other_metrics(final_reference, tiny_runs):
+    _, seed1 = tiny_runs("final", seed=1)
+    assert history(seed1) != history(final_reference[1])
 
 
 def test_bf16_autocast_trains_and_warns_where_emulated(tmp_path, data_dir):
@@ -274,12 +273,11 @@ def test_speed_benchmark_times_every_path(data_dir):
     ]
 
 
-def test_paired_comparison_of_two_runs(tmp_path, data_dir, final_reference):
+def test_paired_comparison_of_two_runs(tmp_path, data_dir, final_reference, tiny_runs):
     """benchmarks/compare_runs.py compares runs image by image: a run against itself agrees
     everywhere, and the counts of two runs add up to their accuracy difference."""
-    config, out = final_reference
-    other = tmp_path / "seed1"
-    assert run_stage(train_cmd(config, data_dir, other, tmp_path / "s.pt", seed=1)).returncode == 0
+    _, out = final_reference
+    _, other = tiny_runs("final", seed=1)
     proc = run_stage(
         [sys.executable, "benchmarks/compare_runs.py", "--data", str(data_dir), str(out), str(out),
          str(other)]
