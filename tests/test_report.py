@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from pipeline_helpers import run as run_command
+from stage_cli import run_in_process
 
 from stages.config import resolve_run
 from stages.data import CLASSES, class_key
@@ -58,9 +59,14 @@ def fake_run(runs: Path, name: str, seed: int, test_acc: float | None, diverged_
 
 
 def make_report(
-    tmp_path: Path, accuracies: dict[str, list], seeds: list[int], modern: bool = False
+    tmp_path: Path,
+    accuracies: dict[str, list],
+    seeds: list[int],
+    modern: bool = False,
+    own_process: bool = False,
 ) -> Path:
-    """accuracies: run -> per-seed test accuracy, or ('diverged', epoch)."""
+    """accuracies: run -> per-seed test accuracy, or ('diverged', epoch). The stage runs in the
+    test's process, or with `own_process` as `python -m stages.report`."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["seeds"] = seeds
     params["runs"] = {"final": {}, "blocks-2": {"blocks": 2}, "sgd": {"optimizer": "sgd"}}
@@ -79,11 +85,13 @@ def make_report(
                 fake_run(tmp_path / "runs", run, seed, None, diverged_at=value[1])
             else:
                 fake_run(tmp_path / "runs", run, seed, value)
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.report", "--params", str(tmp_path / "params.yaml"),
-         "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "results")],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+    args = ["--params", str(tmp_path / "params.yaml"), "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "results")]  # fmt: skip
+    if own_process:
+        command = [sys.executable, "-m", "stages.report", *args]
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    else:
+        proc = run_in_process("stages.report", *args)
     assert proc.returncode == 0, proc.stderr
     return tmp_path / "results"
 
@@ -95,7 +103,10 @@ def table_row(report: str, label: str, study: str) -> str:
 
 def test_single_seed_tables_published_values_and_diverged_run(tmp_path):
     results = make_report(
-        tmp_path, {"final": [0.90], "blocks-2": [0.88], "sgd": [("diverged", 7)]}, seeds=[0]
+        tmp_path,
+        {"final": [0.90], "blocks-2": [0.88], "sgd": [("diverged", 7)]},
+        seeds=[0],
+        own_process=True,
     )
     report = (results / "report.md").read_text()
     assert table_row(report, "1 block", "blocks") == (
