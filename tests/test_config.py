@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stage_cli import run_in_process
 
 from stages import config
 from stages.errors import UserError
@@ -26,14 +27,18 @@ def params(repo_params) -> dict:
     return copy.deepcopy(repo_params)
 
 
-def configure(params_path: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "stages.configure", "--params", str(params_path), "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def configure(params_path: Path, out: Path, own_process: bool = False):
+    """The configure stage on `params_path`, in the test's process or as its own command."""
+    args = ["--params", str(params_path), "--out", str(out)]
+    if own_process:
+        return subprocess.run(
+            [sys.executable, "-m", "stages.configure", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    return run_in_process("stages.configure", *args)
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -407,7 +412,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 def test_command_bad_params_exits_2_and_writes_nothing(tmp_path, params):
     params["optimizer"] = "adamax"
     out = tmp_path / "configs"
-    proc = configure(write_params(tmp_path / "p.yaml", params), out)
+    proc = configure(write_params(tmp_path / "p.yaml", params), out, own_process=True)
     assert_one_line_error(proc, "optimizer", "adamax")
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]  # no temporary folder left
