@@ -17,6 +17,15 @@ from stages.errors import run_cli
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_stage_cli(module: str, *args: str, own_process: bool = False):
+    """`python -m <module> <args>` from the repository: with `own_process` as a real command,
+    else in this process."""
+    if own_process:
+        command = [sys.executable, "-m", module, *args]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return run_in_process(module, *args)
+
+
 def run_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
     """Run `module`'s `main` as its `__main__` block does; returns what a subprocess run would."""
     main = importlib.import_module(module).main

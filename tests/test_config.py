@@ -3,12 +3,11 @@
 import copy
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from stage_cli import run_in_process
+from stage_cli import run_stage_cli
 
 from stages import config
 from stages.errors import UserError
@@ -28,17 +27,8 @@ def params(repo_params) -> dict:
 
 
 def configure(params_path: Path, out: Path, own_process: bool = False):
-    """The configure stage on `params_path`, in the test's process or as its own command."""
     args = ["--params", str(params_path), "--out", str(out)]
-    if own_process:
-        return subprocess.run(
-            [sys.executable, "-m", "stages.configure", *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    return run_in_process("stages.configure", *args)
+    return run_stage_cli("stages.configure", *args, own_process=own_process)
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -5,14 +5,12 @@ and the plot data that dvc.yaml declares as DVC plots.
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from pipeline_helpers import run as run_command
-from stage_cli import run_in_process
+from stage_cli import run_stage_cli
 
 from stages.config import resolve_run
 from stages.data import CLASSES, class_key
@@ -87,11 +85,7 @@ def make_report(
                 fake_run(tmp_path / "runs", run, seed, value)
     args = ["--params", str(tmp_path / "params.yaml"), "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "results")]  # fmt: skip
-    if own_process:
-        command = [sys.executable, "-m", "stages.report", *args]
-        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    else:
-        proc = run_in_process("stages.report", *args)
+    proc = run_stage_cli("stages.report", *args, own_process=own_process)
     assert proc.returncode == 0, proc.stderr
     return tmp_path / "results"
 
