@@ -144,6 +144,12 @@ def verdict(claim: dict[str, Any], members: dict[str, str], results: dict[str, R
     ranked = sorted((r for r in scores if scores[r]), key=lambda r: -statistics.fmean(scores[r]))
     diverged = [members[r] for r in members if results[r].diverged_epochs]
     notes = f" Diverged here: {', '.join(diverged)}." if diverged else ""
+    for run, pub in claim.get("runs", {}).items():
+        if isinstance(pub, str) and run in members and not results[run].diverged_epochs:
+            notes += (
+                f" {members[run]}, published as \"{pub}\": here every seed trained without "
+                f"diverging, to {fmt(scores[run])} test accuracy."
+            )
     if len(members) == 1 or not ranked:
         return f"Report: {claim['claim']}.{notes}"
     best, claimed = ranked[0], claim["best"]
@@ -212,6 +218,7 @@ def study_table(
         "| test acc - published | lands |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    causes = []  # measured reasons for rows that do not land, from published.yaml
     for run, label in members.items():
         result = results[run]
         pub = (published.get(study) or {}).get("runs", {}).get(run)
@@ -230,6 +237,9 @@ def study_table(
         if isinstance(pub, dict):
             delta = f"{statistics.fmean(test) - pub['test_accuracy']:+.3f}"
             landed = "yes" if lands(test, pub["test_accuracy"]) else "**no**"
+            if landed != "yes" and "cause" in pub:
+                causes.append(f"({len(causes) + 1}) {label}: {pub['cause']}")
+                landed += f" ({len(causes)})"
         epochs = {s["epochs_completed"] for s in result.summaries}
         note = ""
         if result.diverged_epochs:
@@ -240,7 +250,7 @@ def study_table(
             f"| {fmt(result.values('train/loss'))} | {fmt(result.values('test_loss'))} "
             f"| {pub_text} | {delta} | {landed} |"
         )
-    return "\n".join(rows)
+    return "\n".join(rows + (["", *(f"- {cause}" for cause in causes)] if causes else []))
 
 
 def mean_curve(result: RunResult, metric: str) -> list[float]:

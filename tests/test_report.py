@@ -14,7 +14,7 @@ from stage_cli import run_stage_cli
 
 from stages.config import resolve_run
 from stages.data import CLASSES, class_key
-from stages.report import CURVES
+from stages.report import CURVES, PUBLISHED
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -104,7 +104,8 @@ def test_single_seed_tables_published_values_and_diverged_run(tmp_path):
     )
     report = (results / "report.md").read_text()
     assert table_row(report, "1 block", "blocks") == (
-        "| 1 block | 3 | 0.830 | 0.900 | 0.333 | 0.300 | 0.904 / 0.884 / 0.158 | +0.016 | **no** |"
+        "| 1 block | 3 | 0.830 | 0.900 | 0.333 | 0.300 | 0.904 / 0.884 / 0.158 | +0.016 "
+        "| **no** (1) |"
     )
     assert (
         "| SGD | - | diverged at epoch 7 | - | - | - | failed to produce a stable model | - | - |"
@@ -157,6 +158,32 @@ def test_a_row_lands_within_one_point_or_two_std_of_its_published_value(tmp_path
     report = (one_seed / "report.md").read_text()
     assert table_row(report, "1 block", "blocks").endswith("| +0.009 | yes |")
     assert table_row(report, "2 blocks", "blocks").endswith("| +0.007 | yes |")
+
+
+def test_a_row_that_does_not_land_shows_its_measured_cause_and_sgd_its_failure_claim(tmp_path):
+    """published.yaml's `cause` prints beside a row that does not land, never beside one that
+    does; a run published as a failure is said to have trained where no seed diverged."""
+    results = make_report(
+        tmp_path,
+        {"final": [0.904, 0.905, 0.906], "blocks-2": [0.853] * 3, "sgd": [0.84, 0.85, 0.86]},
+        seeds=[0, 1, 2],
+    )
+    report = (results / "report.md").read_text()
+    published = yaml.safe_load(PUBLISHED.read_text())
+    blocks = report.split("## Study: blocks")[1].split("## ")[0]
+    assert table_row(report, "1 block", "blocks").endswith("| +0.021 | **no** (1) |")
+    assert f"- (1) 1 block: {published['blocks']['runs']['final']['cause']}" in blocks
+    assert table_row(report, "2 blocks", "blocks").endswith("| +0.000 | yes |")
+    assert "(2)" not in blocks
+    optimizer = report.split("## Study: optimizer")[1].split("## ")[0]
+    assert f"- (1) Adam: {published['optimizer']['runs']['final']['cause']}" in optimizer
+    assert (
+        'SGD, published as "failed to produce a stable model": here every seed trained without '
+        "diverging, to 0.850 ± 0.010 test accuracy." in optimizer
+    )
+    final = report.split("## Study: final")[1].split("## ")[0]
+    assert table_row(report, "final model", "final").endswith("| +0.003 | yes |")
+    assert "- (1)" not in final
 
 
 def test_a_claim_that_does_not_hold_is_said_so(tmp_path):
