@@ -461,7 +461,7 @@ def data_dir(tmp_path_factory, fashion_mnist) -> Path:
 
 
 def test_without_a_compiler_training_warns_once_and_runs_torchs_kernels(
-    tmp_path, params, data_dir, capsys
+    tmp_path, params, data_dir, printout
 ):
     """The real fallback: no usable C++ compiler and an empty extension cache. Building fails,
     one warning line names it, and the run trains the plain model: its loss drops."""
@@ -499,9 +499,10 @@ def test_without_a_compiler_training_warns_once_and_runs_torchs_kernels(
     assert path_line == "plain torch (fused kernels unavailable) True"
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
     before, after = map(float, loss_line.split())
-    with capsys.disabled():
-        print(f"\nwithout a compiler: {' | '.join(warnings)}")
-        print(f"validation loss before training {before:.4f}, after 24 batches {after:.4f}")
+    printout(
+        f"without a compiler: {' | '.join(warnings)}\n"
+        f"validation loss before training {before:.4f}, after 24 batches {after:.4f}",
+    )
     assert len(warnings) == 1 and "fused CPU kernels unavailable" in warnings[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert after < 0.7 * before, (before, after)

@@ -117,7 +117,7 @@ def stop_queue_workers(project: Path) -> None:
                 os.killpg(group, signal.SIGKILL)
 
 
-def test_two_queued_experiments_run_in_parallel(project, tmp_path, capsys):
+def test_two_queued_experiments_run_in_parallel(project, tmp_path, printout):
     run(project, "dvc", "exp", "run", "--queue", "-S", "lr=0.02,0.005")
     try:
         run(project, "dvc", "queue", "start", "-j", "2", log=tmp_path / "queue-start.log")
@@ -156,12 +156,12 @@ def test_two_queued_experiments_run_in_parallel(project, tmp_path, capsys):
         run(project, "git", "checkout", "-q", "--", ".")
         run(project, "dvc", "checkout", "-q")
     (start_a, end_a), (start_b, end_b) = spans.values()
-    with capsys.disabled():
-        print("\nqueued experiments' training intervals (UTC):")
-        for name, (start, end) in spans.items():
-            print(f"  {name}: {start:%H:%M:%S.%f} to {end:%H:%M:%S.%f}")
-        overlap = (min(end_a, end_b) - max(start_a, start_b)).total_seconds()
-        print(f"  overlap: {overlap:.1f} s")
+    overlap = (min(end_a, end_b) - max(start_a, start_b)).total_seconds()
+    lines = ["queued experiments' training intervals (UTC):"]
+    for name, (start, end) in spans.items():
+        lines.append(f"  {name}: {start:%H:%M:%S.%f} to {end:%H:%M:%S.%f}")
+    lines.append(f"  overlap: {overlap:.1f} s")
+    printout("\n".join(lines))
     assert max(start_a, start_b) < min(end_a, end_b), spans  # the intervals overlap
 
 
