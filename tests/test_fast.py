@@ -501,7 +501,7 @@ def test_without_a_compiler_training_warns_once_and_runs_torchs_kernels(
     before, after = map(float, loss_line.split())
     printout(
         f"without a compiler: {' | '.join(warnings)}\n"
-        f"validation loss before training {before:.4f}, after 24 batches {after:.4f}",
+        f"validation loss before training {before:.4f}, after 24 batches {after:.4f}"
     )
     assert len(warnings) == 1 and "fused CPU kernels unavailable" in warnings[0], proc.stderr
     assert "Traceback" not in proc.stderr

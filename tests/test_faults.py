@@ -496,5 +496,4 @@ def test_sigkill_at_random_moments_leaves_the_same_results_as_an_uninterrupted_r
         for i, found in enumerate(trusted, 1):
             assert_same(found, {name: expected[name] for name in found}, f"trusted after kill {i}")
     finally:
-        table = kill_table(seed, reference_s, kills, time.monotonic() - test_started)
-        printout(table)
+        printout(kill_table(seed, reference_s, kills, time.monotonic() - test_started))
