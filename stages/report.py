@@ -7,7 +7,10 @@ every other number), PNG figures, and the
 same curves as DVC plot data in `results/plots/<curve>/<study>.json`, one series per run named
 by its study label, so that `dvc.yaml` declares the plots without naming any run.
 
-The rule for calling a difference real is RULE below; the report states it.
+The rule for calling a difference real is RULE below; the report states it. A run and seed
+not yet trained and evaluated is left out and named at the top of the report, so that a grid
+built over several starts (`dvc repro --single-item report`) can be read, and committed, as it
+grows.
 """
 
 import argparse
@@ -15,6 +18,7 @@ import json
 import math
 import shutil
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,13 +55,21 @@ CURVES = (
 
 @dataclass
 class RunResult:
-    """One run over all its seeds."""
+    """One run over the seeds of params.yaml that have been trained and evaluated."""
 
     name: str
     seeds: list[int]
     summaries: list[dict[str, Any]]
     evals: list[dict[str, Any]]
     diverged_epochs: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)  # seeds not trained and evaluated yet
+
+    @property
+    def seed_note(self) -> str:
+        """`(1 of 3 seeds)` where seeds are missing; empty when all are there."""
+        if not self.missing:
+            return ""
+        return f" ({len(self.seeds)} of {len(self.seeds) + len(self.missing)} seeds)"
 
     @property
     def completed(self) -> list[int]:
@@ -91,17 +103,18 @@ def read_eval(folder: Path) -> dict[str, Any]:
 
 
 def load_run(runs_dir: Path, name: str, seeds: list[int]) -> RunResult:
-    summaries, evals = [], []
+    """The seeds whose train summary and test metrics both exist; the others as `missing`."""
+    present, missing, summaries, evals = [], [], [], []
     for seed in seeds:
         folder = runs_dir / f"{name}-{seed}"
         summary_file = folder / "train" / "summary.json"
-        eval_file = folder / "eval" / "metrics.json"
-        for path in (summary_file, eval_file):
-            if not path.is_file():
-                raise UserError(f"{path} is missing: run `dvc repro` to train and evaluate {name}")
+        if not (summary_file.is_file() and (folder / "eval" / "metrics.json").is_file()):
+            missing.append(seed)
+            continue
+        present.append(seed)
         summaries.append(json.loads(summary_file.read_text()))
         evals.append(read_eval(folder / "eval"))
-    result = RunResult(name, seeds, summaries, evals)
+    result = RunResult(name, present, summaries, evals, missing=missing)
     result.diverged_epochs = [s["diverged_epoch"] for s in summaries if s["diverged"]]
     return result
 
@@ -150,15 +163,27 @@ def verdict(claim: dict[str, Any], members: dict[str, str], results: dict[str, R
                 f" {members[run]}, published as \"{pub}\": here every seed trained without "
                 f"diverging, to {fmt(scores[run])} test accuracy."
             )
+    untrained = [members[r] for r in members if not results[r].seeds]
+    if untrained:
+        return (
+            f"Report: {claim['claim']}. Not judged yet: {', '.join(untrained)} not trained "
+            f"(`dvc repro`).{notes}"
+        )
     if len(members) == 1 or not ranked:
         return f"Report: {claim['claim']}.{notes}"
+
+    def one_seed(*runs: str) -> str:
+        if all(len(scores[r]) < 2 for r in members):
+            return "with one seed per run"
+        return "with one seed of " + " and ".join(members[r] for r in runs if len(scores[r]) < 2)
+
     best, claimed = ranked[0], claim["best"]
     if best != claimed:
         real = differs(scores[best], scores[claimed])
         if real is None:
             judgement = (
-                f"Not confirmed here: {members[best]} has the best test accuracy, but with one "
-                "seed per run the spread is unknown"
+                f"Not confirmed here: {members[best]} has the best test accuracy, but "
+                f"{one_seed(best, claimed)} the spread is unknown"
             )
         elif real:
             judgement = (
@@ -177,8 +202,8 @@ def verdict(claim: dict[str, Any], members: dict[str, str], results: dict[str, R
     real = differs(scores[best], scores[runner_up])
     if real is None:
         judgement = (
-            "Holds in the ordering, but with one seed per run the spread is unknown: run with "
-            "several seeds (README) to judge it"
+            f"Holds in the ordering, but {one_seed(best, runner_up)} the spread is unknown: "
+            "run with several seeds (README) to judge it"
         )
     elif real:
         judgement = f"Holds: {members[best]} beats {members[runner_up]} beyond the spread"
@@ -194,6 +219,8 @@ def goal_line(goal: dict[str, Any], members: dict[str, str], results: dict[str, 
     """Whether a run's mean test accuracy reaches a stated goal."""
     run, target = goal["run"], goal["test_accuracy"]
     scores = results[run].values("test_accuracy")
+    if not results[run].seeds:
+        return f"Goal: {members[run]} at {target:.3f} test accuracy: not judged yet (not trained)."
     if not scores:
         return f"Goal: {members[run]} at {target:.3f} test accuracy: not met (every seed diverged)."
     mean, _ = mean_std(scores)
@@ -226,10 +253,14 @@ def study_table(
             pub_text = f"{pub['train_accuracy']} / {pub['test_accuracy']} / {pub['loss']}"
         else:
             pub_text = pub or "-"
+        if not result.seeds:
+            rows.append(f"| {label} | - | not trained yet | - | - | - | {pub_text} | - | - |")
+            continue
         if not result.completed:
             epochs = ", ".join(str(e) for e in result.diverged_epochs)
             rows.append(
-                f"| {label} | - | diverged at epoch {epochs} | - | - | - | {pub_text} | - | - |"
+                f"| {label}{result.seed_note} | - | diverged at epoch {epochs} | - | - | - "
+                f"| {pub_text} | - | - |"
             )
             continue
         test = result.values("test_accuracy")
@@ -241,9 +272,9 @@ def study_table(
                 causes.append(f"({len(causes) + 1}) {label}: {pub['cause']}")
                 landed += f" ({len(causes)})"
         epochs = {s["epochs_completed"] for s in result.summaries}
-        note = ""
+        note = result.seed_note
         if result.diverged_epochs:
-            note = f" ({len(result.diverged_epochs)} of {len(result.seeds)} seeds diverged)"
+            note += f" ({len(result.diverged_epochs)} of {len(result.seeds)} seeds diverged)"
         rows.append(
             f"| {label}{note} | {'/'.join(map(str, sorted(epochs)))} "
             f"| {fmt(result.values('train/accuracy'))} | {fmt(test)} "
@@ -300,14 +331,14 @@ def study_figure(study: str, members: dict[str, str], results: dict[str, RunResu
         for run, label in members.items():
             curve = mean_curve(results[run], metric)
             if curve:
-                ax.plot(range(1, len(curve) + 1), curve, label=label)
+                ax.plot(range(1, len(curve) + 1), curve, label=label + results[run].seed_note)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(title.split()[-1])
         ax.grid(alpha=0.3)
     axes[0].legend()
-    seeds = len(next(iter(results.values())).seeds)
+    seeds = max(len(results[run].seeds) + len(results[run].missing) for run in members)
     fig.suptitle(f"Study: {study} (mean over {seeds} seed{'s' if seeds > 1 else ''})")
     fig.tight_layout()
     save_png(fig, path)
@@ -351,23 +382,35 @@ def training_minutes(summary: dict[str, Any]) -> float:
     return sum(r["epoch_seconds"] for r in summary["history"]) / 60
 
 
+def stage_minutes(summary: dict[str, Any]) -> float:
+    """Training plus the per-epoch evaluation and set-up: the train stage's own time."""
+    evaluation = (summary["eval_seconds_per_epoch"] or 0.0) * summary["epochs_completed"]
+    return training_minutes(summary) + (evaluation + summary["setup_seconds"]) / 60
+
+
 def cost_section(results: dict[str, RunResult], seeds: list[int]) -> list[str]:
     """Each run's time, size and FLOPs, and where it trained; the grid's time per seed."""
-    rows, per_seed = [], dict.fromkeys(seeds, 0.0)
+    rows, per_seed, runs_per_seed = [], dict.fromkeys(seeds, 0.0), dict.fromkeys(seeds, 0)
     for run, r in results.items():
+        if not r.summaries:
+            continue
         summary = r.summaries[0]
         cfg = config.RunConfig.from_dict(summary["config"], f"the summary of run {run}")
         flops = forward_flops(cfg.model)
         seconds = [s["seconds_per_epoch"] for s in r.summaries if s["seconds_per_epoch"]]
         for seed, s in zip(r.seeds, r.summaries, strict=True):
-            per_seed[seed] += training_minutes(s)
+            per_seed[seed] += stage_minutes(s)
+            runs_per_seed[seed] += 1
         where = sorted({s["machine"] for s in r.summaries})
         rows.append(
             f"| {run} | {fmt(seconds, 1)} | {fmt([training_minutes(s) for s in r.summaries], 1)} "
             f"| {cfg.precision} | {summary['parameters']:,} | {flops / 1e6:.1f} "
             f"| {3 * flops * summary['train_images'] / 1e12:.2f} | {'; '.join(where)} |"
         )
-    grid = ", ".join(f"seed {seed}: {cost.duration(m * 60)}" for seed, m in per_seed.items())
+    grid = "; ".join(
+        f"seed {seed}: {cost.duration(minutes * 60)} ({runs_per_seed[seed]} of {len(results)} runs)"
+        for seed, minutes in per_seed.items()
+    )
     return [
         "## Cost",
         "",
@@ -375,7 +418,8 @@ def cost_section(results: dict[str, RunResult], seeds: list[int]) -> list[str]:
         "DVC's own work, on the machine named (host, CPU, CPUs). Training FLOPs: the Linear "
         "layers' multiply-adds x 2, forward + backward = 3 x forward, per training epoch.",
         "",
-        f"Training time of the grid: {grid}.",
+        "Time of the grid per seed, the train stages' own time (training, per-epoch evaluation "
+        f"and set-up) over the runs trained: {grid}.",
         "",
         "| run | seconds per epoch | minutes per seed | precision | parameters "
         "| forward MFLOP per image | training TFLOP per epoch | machine |",
@@ -396,11 +440,15 @@ def main() -> None:
     seeds, studies = config.seeds(params), config.studies(params)
     published = yaml.safe_load(PUBLISHED.read_text())
     results = {run: load_run(args.runs, run, seeds) for run in config.run_names(params)}
+    trained = [r for r in results.values() if r.seeds]
+    if not trained:
+        raise UserError(f"{args.runs}: no run is trained and evaluated yet: run `dvc repro`")
+    missing = [f"{r.name}-{seed}" for r in results.values() for seed in r.missing]
 
     write_json(args.out / "metrics.json", top_metrics(results))
     write_plot_data(studies, results, args.out / "plots")
     figures = args.out / "figures"
-    first = next(iter(results.values())).summaries[0]
+    first = trained[0].summaries[0]
     lines = [
         "# Reproduction of the report's studies",
         "",
@@ -417,6 +465,12 @@ def main() -> None:
         "- a ± b: mean ± standard deviation over seeds. " + RULE + " " + LANDS,
         "",
     ]
+    if missing:
+        lines += [
+            f"**Incomplete**: {len(missing)} of {len(results) * len(seeds)} runs and seeds are "
+            f"not trained yet, and are left out: {', '.join(missing)}.",
+            "",
+        ]
     for study, members in studies.items():
         study_figure(study, members, results, figures / f"{study}.png")
         lines += [
@@ -459,6 +513,8 @@ def main() -> None:
         f"report: {args.out / 'report.md'}, {args.out / 'metrics.json'}, {figures}/, "
         f"{args.out / 'plots'}/"
     )
+    if missing:
+        print(f"report: {len(missing)} runs and seeds left out, not trained yet", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def fake_run(runs: Path, name: str, seed: int, test_acc: float | None, diverged_
         "final": history[-1] if history else None, "device": "cpu",
         "machine": "vm, AMD EPYC, 2 CPUs",
         "seconds_per_epoch": 2.0 if history else None, "history": history,
+        "eval_seconds_per_epoch": 1.0 if history else None, "setup_seconds": 3.0,
         "config": dataclasses.replace(resolve_run(REPO_PARAMS, name), epochs=3).to_dict(),
     }  # fmt: skip
     train = runs / f"{name}-{seed}" / "train"
@@ -227,9 +228,37 @@ def test_figure_epochs_are_whole_numbers(tmp_path, monkeypatch):
         assert ax.get_ylabel() in {"loss", "accuracy"}
 
 
-def test_missing_run_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(AssertionError, match=r"summary\.json is missing"):
-        make_report(tmp_path, {"final": [0.9], "blocks-2": [0.8]}, seeds=[0])
+def test_runs_not_trained_yet_are_named_left_out_and_not_judged(tmp_path):
+    """A grid built over several starts reports what it has, and says what it lacks."""
+    results = make_report(
+        tmp_path, {"final": [0.90, 0.91], "blocks-2": [0.85, 0.86]}, seeds=[0, 1]
+    )
+    shutil.rmtree(tmp_path / "runs" / "blocks-2-1" / "eval")  # trained, not evaluated
+    proc = run_stage_cli(
+        "stages.report", "--params", str(tmp_path / "params.yaml"),
+        "--runs", str(tmp_path / "runs"), "--out", str(results),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "3 runs and seeds left out, not trained yet" in proc.stderr
+    report = (results / "report.md").read_text()
+    assert (
+        "**Incomplete**: 3 of 6 runs and seeds are not trained yet, and are left out: "
+        "blocks-2-1, sgd-0, sgd-1." in report
+    )
+    assert table_row(report, "2 blocks", "blocks").startswith("| 2 blocks (1 of 2 seeds) | 3 |")
+    assert "| 0.850 |" in table_row(report, "2 blocks", "blocks")
+    assert table_row(report, "SGD", "optimizer").startswith("| SGD | - | not trained yet |")
+    assert "Not judged yet: SGD not trained (`dvc repro`)." in report
+    assert (
+        "Holds in the ordering, but with one seed of 2 blocks the spread is unknown" in report
+    )
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert metrics == {"final": 0.905, "blocks-2": 0.85, "std": {"final": 0.00707}}
+
+
+def test_no_run_trained_is_a_clear_error(tmp_path):
+    with pytest.raises(AssertionError, match=r"no run is trained and evaluated yet"):
+        make_report(tmp_path, {}, seeds=[0])
 
 
 def test_with_one_seed_a_different_winner_is_not_confirmed_rather_than_refuted(tmp_path):
@@ -261,10 +290,12 @@ def test_modern_study_goal_and_cost_table(tmp_path, mixer, met):
     assert "Holds: modern Mixer beats report's final beyond the spread" in report
     assert "| 0.938 / 0.902 / 0.16 |" in table_row(report, "report's final", "modern")
     cost = report.split("## Cost")[1]
-    machine = "vm, AMD EPYC, 2 CPUs"  # 3 x 14.3 MFLOP x 55k images; 3 epochs of 2 s, 4 runs
+    machine = "vm, AMD EPYC, 2 CPUs"  # 3 x 14.3 MFLOP x 55k images; 3 epochs of 2 s
     assert f"| final | 2.0 ± 0.0 | 0.1 ± 0.0 | fp32 | 87,550 | 14.3 | 2.37 | {machine} |" in cost
     assert "| mixer | 2.0 ± 0.0 | 0.1 ± 0.0 | bf16 |" in cost
-    assert "Training time of the grid: seed 0: 24 s, seed 1: 24 s, seed 2: 24 s." in cost
+    # Per run: 3 epochs of 2 s training and 1 s evaluation, 3 s set-up; 4 runs a seed.
+    per_seed = "; ".join(f"seed {seed}: 48 s (4 of 4 runs)" for seed in range(3))
+    assert f"over the runs trained: {per_seed}." in cost
 
 
 CURVE_FOLDERS = [metric.replace("/", "-") for metric, _ in CURVES]
