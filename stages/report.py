@@ -388,6 +388,10 @@ def stage_minutes(summary: dict[str, Any]) -> float:
     return training_minutes(summary) + (evaluation + summary["setup_seconds"]) / 60
 
 
+def threads(summary: dict[str, Any]) -> str:
+    return f"{summary['threads']} thread{'s' if summary['threads'] > 1 else ''}"
+
+
 def cost_section(results: dict[str, RunResult], seeds: list[int]) -> list[str]:
     """Each run's time, size and FLOPs, and where it trained; the grid's time per seed."""
     rows, per_seed, runs_per_seed = [], dict.fromkeys(seeds, 0.0), dict.fromkeys(seeds, 0)
@@ -401,7 +405,7 @@ def cost_section(results: dict[str, RunResult], seeds: list[int]) -> list[str]:
         for seed, s in zip(r.seeds, r.summaries, strict=True):
             per_seed[seed] += stage_minutes(s)
             runs_per_seed[seed] += 1
-        where = sorted({s["machine"] for s in r.summaries})
+        where = sorted({f"{s['machine']}, {threads(s)}, {s['cpu_kernels']}" for s in r.summaries})
         rows.append(
             f"| {run} | {fmt(seconds, 1)} | {fmt([training_minutes(s) for s in r.summaries], 1)} "
             f"| {cfg.precision} | {summary['parameters']:,} | {flops / 1e6:.1f} "
@@ -415,7 +419,8 @@ def cost_section(results: dict[str, RunResult], seeds: list[int]) -> list[str]:
         "## Cost",
         "",
         "Training time: the training steps of every epoch, without the per-epoch evaluation and "
-        "DVC's own work, on the machine named (host, CPU, CPUs). Training FLOPs: the Linear "
+        "DVC's own work, on the machine named (host, CPU, CPUs; the threads and the path that "
+        "trained, `docs/speed.md`). Training FLOPs: the Linear "
         "layers' multiply-adds x 2, forward + backward = 3 x forward, per training epoch.",
         "",
         "Time of the grid per seed, the train stages' own time (training, per-epoch evaluation "

@@ -34,7 +34,7 @@ def fake_run(runs: Path, name: str, seed: int, test_acc: float | None, diverged_
         "val_images": 5000, "test_images": 10000, "epochs_completed": len(history),
         "diverged": diverged_at is not None, "diverged_epoch": diverged_at,
         "final": history[-1] if history else None, "device": "cpu",
-        "machine": "vm, AMD EPYC, 2 CPUs",
+        "machine": "vm, AMD EPYC, 2 CPUs", "threads": 2, "cpu_kernels": "plain torch",
         "seconds_per_epoch": 2.0 if history else None, "history": history,
         "eval_seconds_per_epoch": 1.0 if history else None, "setup_seconds": 3.0,
         "config": dataclasses.replace(resolve_run(REPO_PARAMS, name), epochs=3).to_dict(),
@@ -290,7 +290,7 @@ def test_modern_study_goal_and_cost_table(tmp_path, mixer, met):
     assert "Holds: modern Mixer beats report's final beyond the spread" in report
     assert "| 0.938 / 0.902 / 0.16 |" in table_row(report, "report's final", "modern")
     cost = report.split("## Cost")[1]
-    machine = "vm, AMD EPYC, 2 CPUs"  # 3 x 14.3 MFLOP x 55k images; 3 epochs of 2 s
+    machine = "vm, AMD EPYC, 2 CPUs, 2 threads, plain torch"  # 3 x 14.3 MFLOP x 55k images
     assert f"| final | 2.0 ± 0.0 | 0.1 ± 0.0 | fp32 | 87,550 | 14.3 | 2.37 | {machine} |" in cost
     assert "| mixer | 2.0 ± 0.0 | 0.1 ± 0.0 | bf16 |" in cost
     # Per run: 3 epochs of 2 s training and 1 s evaluation, 3 s set-up; 4 runs a seed.
