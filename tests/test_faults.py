@@ -280,8 +280,8 @@ def comparable(path: Path):
         lines = []
         for line in text.splitlines():
             cells = line.split(" | ")
-            if line.startswith("Training time of the grid:"):
-                cells = ["Training time of the grid: (time)"]
+            if line.startswith("Time of the grid per seed"):
+                cells = ["Time of the grid per seed: (time)"]
             elif "seconds per epoch" in cells:
                 columns = [i for i, cell in enumerate(cells) if cell in REPORT_TIMES]
             elif columns and line.startswith("| ") and len(cells) > max(columns):
